@@ -1,0 +1,63 @@
+"""``adaprelora``: the ready-to-use optimizer, chained like ``optax.adamw``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from adaprelora_jax.pairing import PairingRule
+from adaprelora_jax.transform import Statistics, scale_by_adaprelora
+
+
+def adaprelora(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float | None = None,
+    decay_rate: float = 0.8,
+    b2: float | None = None,
+    eps: float = 1e-30,
+    damping: float = 1e-6,
+    lora_scale: float = 1.0,
+    clipping_threshold: float | None = 1.0,
+    weight_decay: float = 0.0,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    statistics: Statistics = "auto",
+    fallback: optax.GradientTransformation | None = None,
+    pairing: PairingRule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaPreLoRA: Adafactor-preconditioned LoRA (Liu, Bian & Cai, 2026).
+
+  ``chain(scale_by_adaprelora(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``. LoRA pairs get AdaPreLoRA's
+  closed-form factor step, the exact lift of Adafactor's W-space direction;
+  other leaves get ``fallback`` (``scale_by_adam`` by default), then the same
+  decoupled weight decay and learning rate.
+
+  Example::
+
+    tx = adaprelora(optax.warmup_cosine_decay_schedule(0, 3e-4, 50, 1000))
+    opt_state = tx.init(lora_params)
+    updates, opt_state = tx.update(grads, opt_state, lora_params)
+
+  Args:
+    learning_rate: a float or an Optax schedule.
+    b1, decay_rate, b2, eps, damping, lora_scale, clipping_threshold,
+      statistics, fallback, pairing: see :func:`scale_by_adaprelora`.
+    weight_decay: decoupled weight decay (as in ``optax.adamw``).
+    mask: which leaves weight decay applies to (a tree of bools or a
+      function of the params), as in ``optax.adamw``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and accepts ``weight_stats`` (see :func:`scale_by_adaprelora`).
+  """
+  return optax.chain(
+      scale_by_adaprelora(
+          b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
+          lora_scale=lora_scale, clipping_threshold=clipping_threshold,
+          statistics=statistics, fallback=fallback, pairing=pairing),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
