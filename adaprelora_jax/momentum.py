@@ -1,78 +1,51 @@
-"""First-moment (momentum) for AdaPreLoRA, kept in orthonormal factor frames.
+"""First moment (momentum) for AdaPreLoRA, kept in the factors' frames.
 
 Why not an EMA of the factor directions ``(dA, dB)``? After a zero factor
-(``B = 0`` at init) ``B`` is O(lr), so ``Q = B diag(ρ) Bᵀ`` is O(lr²) and ``dA``
-is O(1/lr). The W-space meaning of a stored ``dA`` is ``s · dA B``; as ``B``
+(``B = 0`` at init) ``B`` is O(lr), so ``Q = B diag(ρ) Bᵀ`` is O(lr²) and
+``dA`` is O(1/lr). A stored ``dA`` means ``s · dA B`` in W-space; as ``B``
 grows, a stale ``dA`` is amplified by the same factor, and the momentum keeps
 pushing a direction the new geometry no longer supports. Averaging raw factor
 gradients has the mirror problem: ``grad_a = s G Bᵀ`` is O(lr) early on and
-under-weighted later.
+mixes gradients taken at very different factor scales.
 
 Instead we average the W-gradient ``G`` itself, restricted to the tangent
-space, in coordinates that do not depend on the factors' scale: with
-``BBᵀ + δ = L_B L_Bᵀ`` and ``AᵀA + δ = L_A L_Aᵀ`` (Cholesky), the rows of
-``L_B⁻¹ B`` and the columns of ``A L_A⁻ᵀ`` are orthonormal frames, and
-
-  ``c_a = G Bᵀ L_B⁻ᵀ = grad_a L_B⁻ᵀ / s``,  ``c_b = L_A⁻¹ Aᵀ G = L_A⁻¹ grad_b / s``
-
-are ``G``'s coordinates in them. Their EMAs (with Adam's bias correction) are
-mapped back to factor gradients at the current factors,
-``grad_a = s m_a L_Bᵀ`` and ``grad_b = s L_A m_b``, and fed to the exact
-solve of SPEC §3. With ``b1 = 0`` this is the plain solve; for any ``b1`` the
-step is still the exact H-projection of an (averaged) Adafactor direction.
-Memory: one ``A``-shaped and one ``B``-shaped float32 buffer per pair.
+space, through its frame coordinates ``Ŷ = G P_B B̂ᵀ`` and ``X̂ = Âᵀ P_A G``
+(:mod:`adaprelora_jax.gram`), which do not change when the factors are
+rescaled. Their EMAs, with Adam's bias correction, are mapped back to factor
+gradients at the current factors (``s Ŷ L_Bᵀ``, ``s L_A X̂``) and fed to the
+exact solve of SPEC §3. So with or without momentum the W-step is the exact
+H-projection of an Adafactor direction: of ``G``'s running mean instead of
+``G``. Memory: one ``A``-shaped and one ``B``-shaped buffer per pair.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
-from adaprelora_jax.solve import damped_cholesky
+from adaprelora_jax.gram import Frames
 
 Array = jax.Array
 
 
-def _momentum_2d(a, b, grad_a, grad_b, mu_a, mu_b, *, scale, damping, b1,
-                 debias):
-  chol_a, _ = damped_cholesky(a.T @ a, damping)  # lower L_A
-  chol_b, _ = damped_cholesky(b @ b.T, damping)  # lower L_B
-  coord_a = solve_triangular(chol_b, grad_a.T, lower=True).T / scale
-  coord_b = solve_triangular(chol_a, grad_b, lower=True) / scale
-  mu_a = b1 * mu_a + (1.0 - b1) * coord_a
-  mu_b = b1 * mu_b + (1.0 - b1) * coord_b
-  eff_a = scale * (mu_a / debias) @ chol_b.T
-  eff_b = scale * chol_a @ (mu_b / debias)
-  return eff_a, eff_b, mu_a, mu_b
-
-
-def averaged_gradients(
-    a: Array, b: Array, grad_a: Array, grad_b: Array, mu_a: Array, mu_b: Array,
-    *, scale: float | Array, damping: float | Array, b1: float | Array,
-    count: Array,
-) -> tuple[Array, Array, Array, Array]:
-  """Updates the frame-coordinate momentum and returns averaged factor grads.
+def update_momentum(mu_y: Array, mu_x: Array, grad_a: Array, grad_b: Array,
+                    fr: Frames, a_grad_a: Array, a_mu_y: Array,
+                    b1: Array | float, count: Array):
+  """EMA of the frame coordinates ``(Ŷ, X̂)`` of the W-gradient.
 
   Args:
-    a, b, grad_a, grad_b: the factors and their gradients,
-      ``(..., m, r)`` and ``(..., r, n)``.
-    mu_a, mu_b: the momentum buffers, shaped like ``a`` and ``b``.
-    scale: the LoRA scale ``s``.
-    damping: relative damping of the frames' Gram matrices.
+    mu_y, mu_x: the buffers, ``(m, r)`` and ``(r, n)``.
+    grad_a, grad_b: this step's factor gradients.
+    fr: the slice's frames.
+    a_grad_a, a_mu_y: ``Aᵀ grad_a`` and ``Aᵀ mu_y`` (from the Gram stack).
     b1: the EMA coefficient.
     count: the step number (from 0), for bias correction.
 
   Returns:
-    ``(grad_a, grad_b, mu_a, mu_b)``: factor gradients of the averaged
-    W-gradient at the current factors, and the new buffers.
+    ``((Ŷ̄, X̂̄), (mu_y, mu_x), Aᵀ Ŷ̄)``: the debiased means, the new buffers,
+    and ``Aᵀ`` times the mean, which the solve needs.
   """
+  mu_y = b1 * mu_y + (1.0 - b1) * grad_a @ fr.to_y
+  mu_x = b1 * mu_x + (1.0 - b1) * fr.to_x @ grad_b
   debias = 1.0 - b1 ** (count + 1.0)
-  fn = jnp.vectorize(
-      functools.partial(_momentum_2d, scale=scale, damping=damping, b1=b1,
-                        debias=debias),
-      signature="(m,r),(r,n),(m,r),(r,n),(m,r),(r,n)->(m,r),(r,n),(m,r),(r,n)",
-  )
-  return fn(a, b, grad_a, grad_b, mu_a, mu_b)
+  a_mean = (b1 * a_mu_y + (1.0 - b1) * a_grad_a @ fr.to_y) / debias
+  return (mu_y / debias, mu_x / debias), (mu_y, mu_x), a_mean

@@ -24,7 +24,8 @@ The pair is then solved as ``m = prod(in_dims)`` by ``n = prod(out_dims)``
 matrices, batched over ``batch``. The batch axes are the longest common
 leading axes for which the rank axes line up. A pair stored in the PyTorch
 layout (``lora_A (*batch, r, in)``, ``lora_B (*batch, out, r)``) is
-recognised when only that reading fits, and is solved as ``ΔW = lora_B lora_A``.
+recognised when only that reading fits (with ``r ≤ in, out``), and is solved
+as ``ΔW = lora_B lora_A``.
 """
 
 from __future__ import annotations
@@ -155,14 +156,22 @@ def _split_axes(a_shape, b_shape) -> tuple[int, ...] | None:
   return None
 
 
+def _is_low_rank(a_shape, b_shape) -> bool:
+  """Whether the rank is at most the in and out sizes (a plausible reading)."""
+  k = len(_split_axes(a_shape, b_shape))
+  rank = a_shape[-1]
+  return rank <= math.prod(a_shape[k:-1]) and rank <= math.prod(b_shape[k + 1:])
+
+
 def _make_pair(key, found) -> LoRAPair:
   (a_path, a_index, a_shape), (b_path, b_index, b_shape) = found["a"], found["b"]
   batch = _split_axes(a_shape, b_shape)
-  if batch is None and _split_axes(b_shape, a_shape) is not None:
+  swapped = _split_axes(b_shape, a_shape)
+  if batch is None and swapped is not None and _is_low_rank(b_shape, a_shape):
     # PyTorch layout: ``lora_B (out, r) @ lora_A (r, in)``.
     (a_path, a_index, a_shape), (b_path, b_index, b_shape) = (
         found["b"], found["a"])
-    batch = _split_axes(a_shape, b_shape)
+    batch = swapped
   if batch is None:
     raise ValueError(
         f"LoRA pair {key!r}: factor shapes do not fit together. "

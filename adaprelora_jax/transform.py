@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import moments, momentum
+from adaprelora_jax import gram, moments, momentum
 from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs
-from adaprelora_jax.solve import (compute_dtype, solve_factor_update,
-                                  tangent_mean_squares, w_step_rms)
+from adaprelora_jax.solve import compute_dtype
 
 Array = jax.Array
 Statistics = Literal["auto", "tangent", "full"]
@@ -37,9 +36,9 @@ class PairState(NamedTuple):
   Attributes:
     v_row: row second moments ``(*batch, m)``.
     v_col: column second moments ``(*batch, n)``.
-    mu_a: momentum in ``A``'s frame coordinates, shaped like ``A``
-      (``None`` without momentum).
-    mu_b: likewise for ``B``.
+    mu_a: running mean of ``G B̂ᵀ``, the W-gradient's coordinates in ``B``'s
+      row frame, shaped like ``A`` (``None`` without momentum).
+    mu_b: running mean of ``Âᵀ G``, shaped like ``B``.
   """
 
   v_row: Array
@@ -209,33 +208,68 @@ def scale_by_adaprelora(
         fallback=masked_fallback(pairs).init(params),
     )
 
-  def pair_update(pair, a, b, grad_a, grad_b, pstate, stats, count):
-    dtype = compute_dtype(a.dtype, grad_a.dtype)
-    a, grad_a = (x.astype(dtype).reshape(pair.a_matrix_shape) for x in (a, grad_a))
-    b, grad_b = (x.astype(dtype).reshape(pair.b_matrix_shape) for x in (b, grad_b))
+  def slice_update(a, b, grad_a, grad_b, v_row, v_col, mu_y, mu_x, stats,
+                   count):
+    """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
+    # The m- and n-side Grams that everything below is assembled from.
+    side_m = [a, grad_a] + ([] if b1 is None else [mu_y])
+    side_n = [b, grad_b] + ([] if b1 is None else [mu_x])
+    gram_m = jnp.concatenate(side_m, 1).T @ jnp.concatenate(side_m, 1)
+    gram_n = jnp.concatenate(side_n, 0) @ jnp.concatenate(side_n, 0).T
+    r = a.shape[1]
+    block = lambda g, i, j: g[i * r:(i + 1) * r, j * r:(j + 1) * r]
+    gram_a, gram_b = block(gram_m, 0, 0), block(gram_n, 0, 0)
+    a_grad_a = block(gram_m, 0, 1)
+    fr = gram.frames(gram_a, gram_b, damping, lora_scale)
     if stats is None:
-      row_ms, col_ms = tangent_mean_squares(
-          a, b, grad_a, grad_b, scale=lora_scale, damping=damping)
-    else:
-      row_ms, col_ms = _full_stats(pair, stats)
+      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, fr, a_grad_a,
+                                        gram_m[:2 * r, :2 * r],
+                                        gram_n[:2 * r, :2 * r])
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
-    v_row, v_col = moments.update_moments(
-        pstate.v_row, pstate.v_col, row_ms, col_ms, beta, eps)
+    v_row, v_col = moments.update_moments(v_row, v_col, *stats, beta, eps)
     row, col = moments.scalings(v_row, v_col, count, b2)
-    mu_a, mu_b = pstate.mu_a, pstate.mu_b
+    # Factor gradients fed to the solve: E_A @ map_a and map_b @ E_B, the
+    # (averaged) W-gradient's frame coordinates mapped back to the factors.
+    eff_a, eff_b, a_eff_a = grad_a, grad_b, a_grad_a
+    map_a = lora_scale * fr.to_y @ fr.chol_b.T
+    map_b = lora_scale * fr.chol_a @ fr.to_x
     if b1 is not None:
-      grad_a, grad_b, mu_a, mu_b = momentum.averaged_gradients(
-          a, b, grad_a, grad_b, mu_a.reshape(pair.a_matrix_shape),
-          mu_b.reshape(pair.b_matrix_shape), scale=lora_scale, damping=damping,
-          b1=b1, count=count)
-      mu_a, mu_b = mu_a.reshape(pstate.mu_a.shape), mu_b.reshape(pstate.mu_b.shape)
-    delta_a, delta_b = solve_factor_update(
-        a, b, grad_a, grad_b, row, col, scale=lora_scale, damping=damping)
+      (eff_a, eff_b), (mu_y, mu_x), a_eff_a = momentum.update_momentum(
+          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, block(gram_m, 0, 2),
+          b1, count)
+      map_a, map_b = lora_scale * fr.chol_b.T, lora_scale * fr.chol_a
+    sol = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col,
+                     scale=lora_scale, damping=damping)
+    delta_a, delta_b = sol.delta_a, sol.delta_b
     if clipping_threshold is not None:
-      rms = w_step_rms(a, b, delta_a, delta_b, scale=lora_scale)
-      shrink = (1.0 / jnp.maximum(1.0, rms / clipping_threshold))[..., None, None]
+      rms = gram.w_step_rms(sol, gram_a, gram_b, lora_scale)
+      shrink = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
       delta_a, delta_b = delta_a * shrink, delta_b * shrink
-    return (delta_a, delta_b), PairState(v_row, v_col, mu_a, mu_b)
+    return delta_a, delta_b, v_row, v_col, mu_y, mu_x
+
+  def pair_update(pair, a, b, grad_a, grad_b, pstate, stats, count):
+    """Solves every batch slice of one pair with a single vmap."""
+    dtype = compute_dtype(a.dtype, grad_a.dtype)
+    slices = math.prod(pair.batch_shape)
+    flat = lambda x, *shape: x.astype(dtype).reshape(slices, *shape)
+    m, n, r = pair.m, pair.n, pair.rank
+    args = (flat(a, m, r), flat(b, r, n), flat(grad_a, m, r), flat(grad_b, r, n),
+            flat(pstate.v_row, m), flat(pstate.v_col, n))
+    mus = (None, None) if b1 is None else (
+        flat(pstate.mu_a, m, r), flat(pstate.mu_b, r, n))
+    stats = None if stats is None else (flat(stats[0], m), flat(stats[1], n))
+    if slices == 1:  # batched matrix products are slower on CPU; avoid vmap
+      squeeze = lambda x: None if x is None else jax.tree.map(lambda y: y[0], x)
+      out = jax.tree.map(lambda y: y[None], slice_update(
+          *squeeze(args), *squeeze(mus), squeeze(stats), count))
+    else:
+      out = jax.vmap(slice_update, in_axes=(0,) * 9 + (None,))(
+          *args, *mus, stats, count)
+    delta_a, delta_b, v_row, v_col, mu_a, mu_b = out
+    unflat = lambda x, like: None if like is None else x.reshape(like.shape)
+    return (delta_a, delta_b), PairState(
+        unflat(v_row, pstate.v_row), unflat(v_col, pstate.v_col),
+        unflat(mu_a, pstate.mu_a), unflat(mu_b, pstate.mu_b))
 
   def update_fn(updates, state, params=None, *, weight_stats=None, **extra_args):
     del extra_args
@@ -261,7 +295,9 @@ def scale_by_adaprelora(
     grad_leaves = jax.tree_util.tree_leaves(updates)
     new_pairs = {}
     for pair in pairs.pairs:
-      stats = None if statistics == "tangent" else weight_stats.get(pair.key)
+      stats = None
+      if statistics != "tangent" and pair.key in weight_stats:
+        stats = _full_stats(pair, weight_stats[pair.key])
       (delta_a, delta_b), new_pairs[pair.key] = pair_update(
           pair, param_leaves[pair.a_index], param_leaves[pair.b_index],
           grad_leaves[pair.a_index], grad_leaves[pair.b_index],

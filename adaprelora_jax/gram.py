@@ -1,0 +1,165 @@
+"""AdaPreLoRA's per-slice math, written as Gram matrices and ``r × r`` algebra.
+
+One slice is a pair ``A (m, r)``, ``B (r, n)`` with factor gradients. Every
+quantity the optimizer needs (the factors' frames, the tangent statistics of
+SPEC §4, the closed-form solve of SPEC §3, the W-step's RMS) is a product
+``[m-side stack] @ (r × r coefficients)`` or a quadratic form in Gram matrices
+of such stacks. So each slice costs a handful of wide matrix products, each
+``O((m + n) r²)``, and ``r × r`` Cholesky factorisations; nothing ``m × n`` is
+ever formed. On accelerators and CPUs alike the number of large products,
+not their flops, dominates the cost of LoRA-sized factors.
+
+Frames (SPEC §5 damping ``δ``): with ``AᵀA + δ = L_A L_Aᵀ`` and
+``BBᵀ + δ = L_B L_Bᵀ``, ``Â = A L_A⁻ᵀ`` and ``B̂ = L_B⁻¹ B`` span ``A``'s
+column space and ``B``'s row space, orthonormally up to ``δ``
+(``ÂᵀÂ = L_A⁻¹ AᵀA L_A⁻ᵀ`` has eigenvalues ``σ²/(σ²+δ)``). The damped
+projections are ``P_A = ÂÂᵀ``, ``P_B = B̂ᵀB̂``, and a W-gradient ``G`` (seen as
+``grad_a = s G Bᵀ``, ``grad_b = s Aᵀ G``) has frame coordinates
+
+  ``Ŷ = G P_B B̂ᵀ = grad_a · L_B⁻ᵀ (B̂B̂ᵀ) / s``,
+  ``X̂ = Âᵀ P_A G = (ÂᵀÂ) L_A⁻¹ / s · grad_b``.
+
+The trailing Gram factor drops any part of a factor gradient that no
+W-gradient produces (weight decay chained before the optimizer while
+``B = 0``, say); for autodiff gradients it changes nothing up to ``δ``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+Array = jax.Array
+
+
+def damped_cholesky(gram: Array, damping: Array | float) -> Array:
+  """Lower Cholesky factor of ``gram + δ I``, ``δ = damping · tr(gram)/r + tiny``.
+
+  The shift is relative, so SPEC §3's scale invariance holds up to
+  ``damping``; ``tiny`` keeps an all-zero factor invertible.
+  """
+  r = gram.shape[-1]
+  tiny = jnp.sqrt(jnp.finfo(gram.dtype).tiny)
+  delta = damping * jnp.trace(gram) / r + tiny
+  return jnp.linalg.cholesky(gram + delta * jnp.eye(r, dtype=gram.dtype))
+
+
+def triangular_inverse(chol: Array) -> Array:
+  """``L⁻¹`` for a lower-triangular ``r × r`` ``L``."""
+  eye = jnp.eye(chol.shape[-1], dtype=chol.dtype)
+  return solve_triangular(chol, eye, lower=True)
+
+
+def damped_inverse(gram: Array, damping: Array | float) -> Array:
+  """``(gram + δ I)⁻¹`` of an ``r × r`` Gram matrix, via Cholesky."""
+  inv_chol = triangular_inverse(damped_cholesky(gram, damping))
+  return inv_chol.T @ inv_chol
+
+
+class Frames(NamedTuple):
+  """The ``r × r`` description of a slice's frames (see the module docstring)."""
+
+  chol_a: Array  # L_A
+  chol_b: Array  # L_B
+  inv_a: Array   # L_A⁻¹
+  inv_b: Array   # L_B⁻¹
+  to_y: Array    # Ŷ = grad_a @ to_y
+  to_x: Array    # X̂ = to_x @ grad_b
+
+
+def frames(gram_a: Array, gram_b: Array, damping: Array | float,
+           scale: Array | float) -> Frames:
+  """Frames from ``AᵀA`` and ``BBᵀ``."""
+  chol_a, chol_b = damped_cholesky(gram_a, damping), damped_cholesky(gram_b, damping)
+  inv_a, inv_b = triangular_inverse(chol_a), triangular_inverse(chol_b)
+  hat_a = inv_a @ gram_a @ inv_a.T  # ÂᵀÂ
+  hat_b = inv_b @ gram_b @ inv_b.T  # B̂B̂ᵀ
+  return Frames(chol_a, chol_b, inv_a, inv_b,
+                to_y=inv_b.T @ hat_b / scale, to_x=hat_a @ inv_a / scale)
+
+
+def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
+                         gram_m: Array, gram_n: Array) -> tuple[Array, Array]:
+  """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``.
+
+  ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂`` is ``U C V`` for the stacks
+  ``U = [A, grad_a]``, ``V = [B; grad_b]`` and an ``2r × 2r`` ``C``; its row
+  and column sums of squares are quadratic forms in ``U`` and ``V`` with
+  the Grams ``gram_m = UᵀU`` and ``gram_n = VVᵀ``.
+
+  Args:
+    a_grad_a: ``Aᵀ grad_a``.
+  """
+  z = fr.inv_a @ a_grad_a @ fr.to_y  # ÂᵀŶ
+  c_b_on_a = -fr.inv_a.T @ z @ fr.inv_b   # A (· B)
+  c_g_on_a = fr.inv_a.T @ fr.to_x         # A (· grad_b)
+  c_b_on_g = fr.to_y @ fr.inv_b           # grad_a (· B)
+  zero = jnp.zeros_like(c_b_on_a)
+  coef = jnp.block([[c_b_on_a, c_g_on_a], [c_b_on_g, zero]])
+  u = jnp.concatenate([a, grad_a], axis=1)
+  v = jnp.concatenate([b, grad_b], axis=0)
+  rows = jnp.sum((u @ (coef @ gram_n @ coef.T)) * u, axis=1)
+  cols = jnp.sum(((coef.T @ gram_m @ coef) @ v) * v, axis=0)
+  # Sums of squares: clamp the rounding error of the quadratic forms at 0.
+  return (jnp.maximum(rows, 0.0) / b.shape[1],
+          jnp.maximum(cols, 0.0) / a.shape[0])
+
+
+class Solve(NamedTuple):
+  """The factor directions ``dA = D_A @ coef_a``, ``dB = coef_b @ D_B``."""
+
+  delta_a: Array
+  delta_b: Array
+  stack_a: Array  # D_A = [E_A / ℓ, A]
+  stack_b: Array  # D_B = [E_B / ρ; B]
+  coef_a: Array
+  coef_b: Array
+
+
+def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
+          damping) -> Solve:
+  """SPEC §3 for one slice with factor gradients ``E_A map_a`` and ``map_b E_B``.
+
+  ``dA = s⁻² [g_A/ℓ − ½ A P⁻¹K] Q⁻¹`` and
+  ``dB = s⁻² P⁻¹ [g_B/ρ − ½ K Q⁻¹ B]`` with ``g_A = E_A map_a``,
+  ``g_B = map_b E_B`` and ``K = Aᵀ g_A = (Aᵀ E_A) map_a``, evaluated as one
+  ``(m, 2r) @ (2r, r)`` and one ``(r, 2r) @ (2r, n)`` product.
+
+  Args:
+    a_eff_a: ``Aᵀ E_A``.
+  """
+  inv_p = damped_inverse((a * row[:, None]).T @ a, damping)
+  inv_q = damped_inverse((b * col[None, :]) @ b.T, damping)
+  inv_s2 = 1.0 / (scale * scale)
+  cross = -0.5 * inv_s2 * (inv_p @ (a_eff_a @ map_a) @ inv_q)
+  coef_a = jnp.concatenate([inv_s2 * map_a @ inv_q, cross], axis=0)
+  coef_b = jnp.concatenate([inv_s2 * inv_p @ map_b, cross], axis=1)
+  stack_a = jnp.concatenate([eff_a / row[:, None], a], axis=1)
+  stack_b = jnp.concatenate([eff_b / col[None, :], b], axis=0)
+  return Solve(stack_a @ coef_a, coef_b @ stack_b, stack_a, stack_b, coef_a,
+               coef_b)
+
+
+def w_step_rms(sol: Solve, gram_a: Array, gram_b: Array, scale) -> Array:
+  """RMS of the first-order W-step ``s (dA B + A dB)``, from Grams only.
+
+  ``‖dA B + A dB‖² = tr(dAᵀdA BBᵀ) + tr(AᵀA dB dBᵀ) + 2 tr(dAᵀA dB Bᵀ)``,
+  with ``dAᵀdA`` and ``dAᵀA`` read off the Gram of ``D_A`` (whose second
+  block is ``A``), and likewise for ``B``.
+  """
+  r = gram_a.shape[0]
+  gram_da = sol.stack_a.T @ sol.stack_a
+  gram_db = sol.stack_b @ sol.stack_b.T
+  da_da = sol.coef_a.T @ gram_da @ sol.coef_a
+  db_db = sol.coef_b @ gram_db @ sol.coef_b.T
+  da_a = sol.coef_a.T @ gram_da[:, r:]
+  db_b = sol.coef_b @ gram_db[:, r:]
+  sq = (jnp.sum(da_da * gram_b) + jnp.sum(gram_a * db_db)
+        + 2.0 * jnp.sum(da_a * db_b.T))
+  m, n = sol.stack_a.shape[0], sol.stack_b.shape[1]
+  # A norm that overflowed (inf − inf) reads as infinite, so clipping drops it.
+  sq = jnp.where(jnp.isnan(sq), jnp.inf, jnp.maximum(sq, 0.0))
+  return scale * jnp.sqrt(sq / (m * n))
