@@ -1,0 +1,1 @@
+"""Real-model, real-data benchmarks for `adaprelora_jax` (offline: assets come from PyPI and apt)."""
