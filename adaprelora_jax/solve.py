@@ -14,13 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import gram
+from adaprelora_jax.pairwise import compute_dtype
 
 Array = jax.Array
-
-
-def compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
-  """The dtype the optimizer computes in: float32, or wider if an input is."""
-  return jnp.result_type(jnp.float32, *dtypes)
 
 
 def solve_2d(a, b, grad_a, grad_b, row, col, *, scale, damping):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import gram, moments, momentum
-from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs
-from adaprelora_jax.solve import compute_dtype
+from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule
+from adaprelora_jax.pairwise import pairwise_transformation
 
 Array = jax.Array
 Statistics = Literal["auto", "tangent", "full"]
@@ -37,8 +37,8 @@ class PairState(NamedTuple):
     v_row: row second moments ``(*batch, m)``.
     v_col: column second moments ``(*batch, n)``.
     mu_a: running mean of ``G B̂ᵀ``, the W-gradient's coordinates in ``B``'s
-      row frame, shaped like ``A`` (``None`` without momentum).
-    mu_b: running mean of ``Âᵀ G``, shaped like ``B``.
+      row frame, ``(*batch, m, r)`` (``None`` without momentum).
+    mu_b: running mean of ``Âᵀ G``, ``(*batch, r, n)``.
   """
 
   v_row: Array
@@ -61,60 +61,12 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   fallback: optax.OptState
 
 
-def _pair_init(pair: LoRAPair, dtype: jnp.dtype, with_momentum: bool
-               ) -> PairState:
-  batch = pair.batch_shape
-  zeros = lambda shape: jnp.zeros(shape, dtype)
-  return PairState(
-      v_row=zeros((*batch, pair.m)),
-      v_col=zeros((*batch, pair.n)),
-      mu_a=zeros((*batch, *pair.in_shape, pair.rank)) if with_momentum else None,
-      mu_b=zeros((*batch, pair.rank, *pair.out_shape)) if with_momentum else None,
-  )
-
-
-def _state_dtype(params: Any, pair: LoRAPair) -> jnp.dtype:
-  """float32, or the factors' dtype if wider (float64 under x64)."""
-  leaves = jax.tree_util.tree_leaves(params)
-  return compute_dtype(leaves[pair.a_index].dtype, leaves[pair.b_index].dtype)
-
-
-def _check_tree(pairing: LoRAPairing, updates: Any, params: Any) -> None:
-  """Raises a clear error if ``updates`` does not match ``params`` leaf by leaf."""
-  flat_updates, tree_updates = jax.tree_util.tree_flatten_with_path(updates)
-  if tree_updates != pairing.treedef:
-    raise ValueError(
-        "scale_by_adaprelora: the updates tree does not match the params tree.\n"
-        f"updates: {tree_updates}\nparams:  {pairing.treedef}")
-  flat_params = jax.tree_util.tree_leaves_with_path(params)
-  for (path, u), (_, p) in zip(flat_updates, flat_params):
-    if u.shape != p.shape:
-      raise ValueError(
-          f"scale_by_adaprelora: update at {jax.tree_util.keystr(path)} has "
-          f"shape {u.shape}, but the parameter has shape {p.shape}.")
-
-
-def _check_state(pairing: LoRAPairing, state: ScaleByAdaPreLoRAState) -> None:
-  expected = {p.key: p for p in pairing.pairs}
-  if set(state.pairs) != set(expected):
-    raise ValueError(
-        "scale_by_adaprelora: the state was initialised for other LoRA pairs. "
-        f"Missing in state: {sorted(set(expected) - set(state.pairs))}; "
-        f"unknown in params: {sorted(set(state.pairs) - set(expected))}.")
-  for key, pair in expected.items():
-    got = state.pairs[key]
-    want = ((*pair.batch_shape, pair.m), (*pair.batch_shape, pair.n))
-    if (got.v_row.shape, got.v_col.shape) != want:
-      raise ValueError(
-          f"scale_by_adaprelora: state of pair {key!r} has v_row/v_col shapes "
-          f"{got.v_row.shape}/{got.v_col.shape}, expected {want[0]}/{want[1]} "
-          f"for A {pair.a_path} and B {pair.b_path}.")
-
-
-def _full_stats(pair: LoRAPair, stats: WeightStats) -> tuple[Array, Array]:
+def _full_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
+                ) -> tuple[Array, Array]:
+  """``stats`` checked against ``pair`` and shaped ``(*batch, m)``, ``(*batch, n)``."""
   batch = pair.batch_shape
   out = []
-  for name, value, size in (("row", stats.row, pair.m), ("col", stats.col, pair.n)):
+  for name, value, size in zip(("row", "col"), stats, (pair.m, pair.n)):
     value = jnp.asarray(value)
     if value.shape[: len(batch)] != batch or value.size != math.prod(batch) * size:
       raise ValueError(
@@ -194,26 +146,21 @@ def scale_by_adaprelora(
   if statistics not in ("auto", "tangent", "full"):
     raise ValueError(f"statistics must be 'auto', 'tangent' or 'full', got "
                      f"{statistics!r}.")
-  fallback = optax.scale_by_adam() if fallback is None else fallback
+  with_momentum = b1 is not None
 
-  def masked_fallback(pairs: LoRAPairing) -> optax.GradientTransformation:
-    return optax.masked(fallback, pairs.fallback_mask())
+  def slice_init(m: int, n: int, rank: int, dtype) -> PairState:
+    zeros = lambda *shape: jnp.zeros(shape, dtype)
+    return PairState(
+        v_row=zeros(m), v_col=zeros(n),
+        mu_a=zeros(m, rank) if with_momentum else None,
+        mu_b=zeros(rank, n) if with_momentum else None)
 
-  def init_fn(params):
-    pairs = lora_pairs(params, pairing)
-    return ScaleByAdaPreLoRAState(
-        count=jnp.zeros([], jnp.int32),
-        pairs={p.key: _pair_init(p, _state_dtype(params, p), b1 is not None)
-               for p in pairs.pairs},
-        fallback=masked_fallback(pairs).init(params),
-    )
-
-  def slice_update(a, b, grad_a, grad_b, v_row, v_col, mu_y, mu_x, stats,
-                   count):
+  def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count):
     """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
+    mu_y, mu_x = state.mu_a, state.mu_b
     # The m- and n-side Grams that everything below is assembled from.
-    side_m = [a, grad_a] + ([] if b1 is None else [mu_y])
-    side_n = [b, grad_b] + ([] if b1 is None else [mu_x])
+    side_m = [a, grad_a] + ([mu_y] if with_momentum else [])
+    side_n = [b, grad_b] + ([mu_x] if with_momentum else [])
     gram_m = jnp.concatenate(side_m, 1).T @ jnp.concatenate(side_m, 1)
     gram_n = jnp.concatenate(side_n, 0) @ jnp.concatenate(side_n, 0).T
     r = a.shape[1]
@@ -226,14 +173,15 @@ def scale_by_adaprelora(
                                         gram_m[:2 * r, :2 * r],
                                         gram_n[:2 * r, :2 * r])
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
-    v_row, v_col = moments.update_moments(v_row, v_col, *stats, beta, eps)
+    v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats,
+                                          beta, eps)
     row, col = moments.scalings(v_row, v_col, count, b2)
     # Factor gradients fed to the solve: E_A @ map_a and map_b @ E_B, the
     # (averaged) W-gradient's frame coordinates mapped back to the factors.
     eff_a, eff_b, a_eff_a = grad_a, grad_b, a_grad_a
     map_a = lora_scale * fr.to_y @ fr.chol_b.T
     map_b = lora_scale * fr.chol_a @ fr.to_x
-    if b1 is not None:
+    if with_momentum:
       (eff_a, eff_b), (mu_y, mu_x), a_eff_a = momentum.update_momentum(
           mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, block(gram_m, 0, 2),
           b1, count)
@@ -245,69 +193,29 @@ def scale_by_adaprelora(
       rms = gram.w_step_rms(sol, gram_a, gram_b, lora_scale)
       shrink = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
       delta_a, delta_b = delta_a * shrink, delta_b * shrink
-    return delta_a, delta_b, v_row, v_col, mu_y, mu_x
+    return delta_a, delta_b, PairState(v_row, v_col, mu_y, mu_x)
 
-  def pair_update(pair, a, b, grad_a, grad_b, pstate, stats, count):
-    """Solves every batch slice of one pair with a single vmap."""
-    dtype = compute_dtype(a.dtype, grad_a.dtype)
-    slices = math.prod(pair.batch_shape)
-    flat = lambda x, *shape: x.astype(dtype).reshape(slices, *shape)
-    m, n, r = pair.m, pair.n, pair.rank
-    args = (flat(a, m, r), flat(b, r, n), flat(grad_a, m, r), flat(grad_b, r, n),
-            flat(pstate.v_row, m), flat(pstate.v_col, n))
-    mus = (None, None) if b1 is None else (
-        flat(pstate.mu_a, m, r), flat(pstate.mu_b, r, n))
-    stats = None if stats is None else (flat(stats[0], m), flat(stats[1], n))
-    if slices == 1:  # batched matrix products are slower on CPU; avoid vmap
-      squeeze = lambda x: None if x is None else jax.tree.map(lambda y: y[0], x)
-      out = jax.tree.map(lambda y: y[None], slice_update(
-          *squeeze(args), *squeeze(mus), squeeze(stats), count))
-    else:
-      out = jax.vmap(slice_update, in_axes=(0,) * 9 + (None,))(
-          *args, *mus, stats, count)
-    delta_a, delta_b, v_row, v_col, mu_a, mu_b = out
-    unflat = lambda x, like: None if like is None else x.reshape(like.shape)
-    return (delta_a, delta_b), PairState(
-        unflat(v_row, pstate.v_row), unflat(v_col, pstate.v_col),
-        unflat(mu_a, pstate.mu_a), unflat(mu_b, pstate.mu_b))
-
-  def update_fn(updates, state, params=None, *, weight_stats=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("scale_by_adaprelora needs the current params: call "
-                       "update(grads, state, params).")
-    pairs = lora_pairs(params, pairing)
-    _check_tree(pairs, updates, params)
-    _check_state(pairs, state)
-    weight_stats = {} if weight_stats is None else dict(weight_stats)
+  def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
+                  ) -> dict[str, tuple[Array, Array]]:
+    """The exact statistics per pair, from ``update(..., weight_stats=...)``."""
+    weight_stats = dict(extra_args.get("weight_stats") or {})
+    keys = {p.key for p in pairs.pairs}
+    unknown = set(weight_stats) - keys
+    if unknown:
+      raise ValueError(f"weight_stats has unknown pair keys {sorted(unknown)}; "
+                       f"the LoRA pairs are {sorted(keys)}.")
     if statistics == "full":
-      missing = [p.key for p in pairs.pairs if p.key not in weight_stats]
+      missing = sorted(keys - set(weight_stats))
       if missing:
         raise ValueError(f"statistics='full' needs weight_stats for every "
                          f"LoRA pair; missing: {missing}.")
-    unknown = set(weight_stats) - {p.key for p in pairs.pairs}
-    if unknown:
-      raise ValueError(f"weight_stats has unknown pair keys {sorted(unknown)}.")
-    param_leaves = jax.tree_util.tree_leaves(params)
-    fallback_updates, new_fallback = masked_fallback(pairs).update(
-        updates, state.fallback, params)
-    new_leaves, treedef = jax.tree_util.tree_flatten(fallback_updates)
-    grad_leaves = jax.tree_util.tree_leaves(updates)
-    new_pairs = {}
-    for pair in pairs.pairs:
-      stats = None
-      if statistics != "tangent" and pair.key in weight_stats:
-        stats = _full_stats(pair, weight_stats[pair.key])
-      (delta_a, delta_b), new_pairs[pair.key] = pair_update(
-          pair, param_leaves[pair.a_index], param_leaves[pair.b_index],
-          grad_leaves[pair.a_index], grad_leaves[pair.b_index],
-          state.pairs[pair.key], stats, state.count)
-      for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
-        new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(
-            grad_leaves[index].dtype)
-    return jax.tree_util.tree_unflatten(treedef, new_leaves), ScaleByAdaPreLoRAState(
-        count=optax.safe_increment(state.count), pairs=new_pairs,
-        fallback=new_fallback)
+    if statistics == "tangent":
+      return {}
+    return {p.key: _full_stats(p, weight_stats[p.key])
+            for p in pairs.pairs if p.key in weight_stats}
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
+  return pairwise_transformation(
+      "scale_by_adaprelora", slice_init, slice_update,
+      fallback=optax.scale_by_adam() if fallback is None else fallback,
+      pairing=pairing, pair_extras=pair_extras,
+      state_type=ScaleByAdaPreLoRAState)
