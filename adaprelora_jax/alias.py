@@ -11,6 +11,25 @@ from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.transform import Statistics, scale_by_adaprelora
 
 
+Mask = Any | Callable[[optax.Params], Any] | None
+
+
+def with_decay_and_learning_rate(
+    direction: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``chain(direction, add_decayed_weights, scale_by_learning_rate)``.
+
+  The alias shape every optimizer of this package shares, as in
+  ``optax.adamw``: a direction in Optax's sign convention, then decoupled
+  weight decay on the leaves ``mask`` selects, then ``-learning_rate``.
+  """
+  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def adaprelora(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -22,7 +41,7 @@ def adaprelora(
     lora_scale: float = 1.0,
     clipping_threshold: float | None = 1.0,
     weight_decay: float = 0.0,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mask: Mask = None,
     statistics: Statistics = "auto",
     fallback: optax.GradientTransformation | None = None,
     pairing: PairingRule | None = None,
@@ -53,11 +72,9 @@ def adaprelora(
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and accepts ``weight_stats`` (see :func:`scale_by_adaprelora`).
   """
-  return optax.chain(
+  return with_decay_and_learning_rate(
       scale_by_adaprelora(
           b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
           lora_scale=lora_scale, clipping_threshold=clipping_threshold,
           statistics=statistics, fallback=fallback, pairing=pairing),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
