@@ -58,10 +58,11 @@ LENGTH_QUANTUM = 8  # eval chunks are trimmed to a multiple of this many tokens
 
 
 def _lora_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` on the LoRA factors only, so the head keeps exactly the fallback Adam of plain ``adaprelora``."""
-    is_lora = lambda tree: jax.tree.map(lambda v: isinstance(v, nnx.LoRAParam), tree,
-                                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return optax.masked(tx, is_lora)
+  """``tx`` on the LoRA factors only, so the head keeps exactly the fallback Adam of plain ``adaprelora``."""
+  is_lora = lambda tree: jax.tree.map(
+      lambda v: isinstance(v, nnx.LoRAParam), tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  return optax.masked(tx, is_lora)
 
 
 OPTIMIZERS: dict[str, Factory] = {
@@ -71,11 +72,15 @@ OPTIMIZERS: dict[str, Factory] = {
     "adaprelora_b1": lambda s: adaprelora(s, b1=0.9, weight_decay=WEIGHT_DECAY),
     # Ablation: EMA of the factor directions AdaPreLoRA outputs.
     "adaprelora_ema_dir": lambda s: optax.chain(
-        scale_by_adaprelora(), _lora_only(optax.ema(EMA_DECAY, debias=True)),
-        optax.add_decayed_weights(WEIGHT_DECAY), optax.scale_by_learning_rate(s)),
+        scale_by_adaprelora(),
+        _lora_only(optax.ema(EMA_DECAY, debias=True)),
+        optax.add_decayed_weights(WEIGHT_DECAY),
+        optax.scale_by_learning_rate(s),
+    ),
     # Ablation: EMA of the raw factor gradients, fed to AdaPreLoRA (moments included).
     "adaprelora_ema_grad": lambda s: optax.chain(
-        _lora_only(optax.ema(EMA_DECAY, debias=True)), adaprelora(s, weight_decay=WEIGHT_DECAY)),
+        _lora_only(optax.ema(EMA_DECAY, debias=True)), adaprelora(s, weight_decay=WEIGHT_DECAY)
+    ),
 }
 """Named optimizers; any name may also be ``adamw:k=v,...`` or ``adaprelora:k=v,...`` (extra keyword arguments)."""
 
@@ -90,23 +95,25 @@ TUNED_LR: dict[str, float] = {"adamw": 1e-2, "adaprelora": 3e-3}
 
 
 def family(name: str) -> str:
-    """``"adamw"`` or ``"adaprelora"``: which grid and tuned lr a variant borrows."""
-    return "adamw" if name.split(":")[0].startswith("adamw") else "adaprelora"
+  """``"adamw"`` or ``"adaprelora"``: which grid and tuned lr a variant borrows."""
+  return "adamw" if name.split(":")[0].startswith("adamw") else "adaprelora"
 
 
 def resolve_optimizer(name: str) -> Factory:
-    """A registered name, or ``base:k=v,...`` building ``base`` with extra keyword arguments (``v`` a Python literal)."""
-    if name in OPTIMIZERS:
-        return OPTIMIZERS[name]
-    base, _, spec = name.partition(":")
-    if base not in ("adamw", "adaprelora") or not spec:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {sorted(OPTIMIZERS)} or adamw:k=v / adaprelora:k=v")
-    kwargs = {"weight_decay": WEIGHT_DECAY}
-    for item in spec.split(","):
-        key, _, value = item.partition("=")
-        kwargs[key.strip()] = ast.literal_eval(value.strip())
-    make = optax.adamw if base == "adamw" else adaprelora
-    return lambda s: make(s, **kwargs)
+  """A registered name, or ``base:k=v,...`` building ``base`` with extra keyword arguments (``v`` a Python literal)."""
+  if name in OPTIMIZERS:
+    return OPTIMIZERS[name]
+  base, _, spec = name.partition(":")
+  if base not in ("adamw", "adaprelora") or not spec:
+    raise ValueError(
+        f"unknown optimizer {name!r}; use one of {sorted(OPTIMIZERS)} or adamw:k=v / adaprelora:k=v"
+    )
+  kwargs = {"weight_decay": WEIGHT_DECAY}
+  for item in spec.split(","):
+    key, _, value = item.partition("=")
+    kwargs[key.strip()] = ast.literal_eval(value.strip())
+  make = optax.adamw if base == "adamw" else adaprelora
+  return lambda s: make(s, **kwargs)
 
 
 # ---------------------------------------------------------------------------- data
@@ -114,355 +121,474 @@ def resolve_optimizer(name: str) -> Factory:
 
 @functools.lru_cache(maxsize=1)
 def _data() -> tuple[Split, Split]:
-    """Train and held-out splits, tokenized once per process (a few seconds)."""
-    train, heldout, _ = load_wordnet_nouns(max_len=MAX_LEN)
-    return train, heldout
+  """Train and held-out splits, tokenized once per process (a few seconds)."""
+  train, heldout, _ = load_wordnet_nouns(max_len=MAX_LEN)
+  return train, heldout
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalChunk:
-    """Held-out rows trimmed to a common width; rows past ``real`` are padding."""
+  """Held-out rows trimmed to a common width; rows past ``real`` are padding."""
 
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    labels: np.ndarray
-    real: int
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  labels: np.ndarray
+  real: int
 
 
 def eval_indices(eval_examples: int) -> np.ndarray:
-    """The fixed held-out subset: the same rows for every run, optimizer and seed."""
-    _, heldout = _data()
-    if eval_examples >= len(heldout):
-        return np.arange(len(heldout))
-    return np.sort(np.random.default_rng(EVAL_SEED).choice(len(heldout), eval_examples, replace=False))
+  """The fixed held-out subset: the same rows for every run, optimizer and seed."""
+  _, heldout = _data()
+  if eval_examples >= len(heldout):
+    return np.arange(len(heldout))
+  return np.sort(
+      np.random.default_rng(EVAL_SEED).choice(len(heldout), eval_examples, replace=False)
+  )
 
 
 @functools.lru_cache(maxsize=4)
 def eval_chunks(eval_examples: int) -> tuple[EvalChunk, ...]:
-    """The eval subset sorted by length, in chunks trimmed of trailing padding.
+  """The eval subset sorted by length, in chunks trimmed of trailing padding.
 
-    Trailing pad tokens change nothing (keys are masked, pooling skips them),
-    and half the definitions are under 15 tokens, so trimming saves about a
-    third of the eval compute, at the price of up to four compiled widths.
-    """
-    _, heldout = _data()
-    idx = eval_indices(eval_examples)
-    lengths = heldout.attention_mask.sum(1)
-    idx = idx[np.argsort(lengths[idx], kind="stable")]
-    size = min(EVAL_CHUNK, len(idx))
-    chunks = []
-    for start in range(0, len(idx), size):
-        part = idx[start:start + size]
-        width = min(MAX_LEN, LENGTH_QUANTUM * math.ceil(lengths[part].max() / LENGTH_QUANTUM))
-        pad = lambda x: np.pad(x[part, :width], ((0, size - len(part)), (0, 0)))
-        chunks.append(EvalChunk(pad(heldout.input_ids), pad(heldout.attention_mask), heldout.labels[part], len(part)))
-    return tuple(chunks)
+  Trailing pad tokens change nothing (keys are masked, pooling skips them),
+  and half the definitions are under 15 tokens, so trimming saves about a
+  third of the eval compute, at the price of up to four compiled widths.
+  """
+  _, heldout = _data()
+  idx = eval_indices(eval_examples)
+  lengths = heldout.attention_mask.sum(1)
+  idx = idx[np.argsort(lengths[idx], kind="stable")]
+  size = min(EVAL_CHUNK, len(idx))
+  chunks = []
+  for start in range(0, len(idx), size):
+    part = idx[start : start + size]
+    width = min(MAX_LEN, LENGTH_QUANTUM * math.ceil(lengths[part].max() / LENGTH_QUANTUM))
+    pad = lambda x: np.pad(x[part, :width], ((0, size - len(part)), (0, 0)))
+    chunks.append(
+        EvalChunk(
+            pad(heldout.input_ids), pad(heldout.attention_mask), heldout.labels[part], len(part)
+        )
+    )
+  return tuple(chunks)
 
 
 def majority_baseline(eval_examples: int) -> float:
-    """Accuracy on the eval subset of always predicting the most frequent training class."""
-    train, heldout = _data()
-    return float(np.mean(heldout.labels[eval_indices(eval_examples)] == np.bincount(train.labels).argmax()))
+  """Accuracy on the eval subset of always predicting the most frequent training class."""
+  train, heldout = _data()
+  return float(
+      np.mean(heldout.labels[eval_indices(eval_examples)] == np.bincount(train.labels).argmax())
+  )
 
 
 def batch_order(seed: int, count: int, size: int) -> np.ndarray:
-    """``count`` training indices drawn by ``seed``: consecutive epochs of fresh permutations."""
-    rng = np.random.default_rng(seed)
-    return np.concatenate([rng.permutation(size) for _ in range(-(-count // size))])[:count]
+  """``count`` training indices drawn by ``seed``: consecutive epochs of fresh permutations."""
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.permutation(size) for _ in range(-(-count // size))])[:count]
 
 
 # --------------------------------------------------------------------------- model
 
 
 def build_model(seed: int, lora_rank: int = 8) -> EncoderClassifier:
-    """MiniLM + LoRA + head; ``seed`` draws the LoRA ``A`` init and the head init (``B`` starts at 0)."""
-    rngs = nnx.Rngs(seed)
-    encoder, _ = load_minilm(lora_rank, LORA_TARGETS, rngs=rngs)
-    return EncoderClassifier(encoder, len(NOUN_LEXNAMES), rngs=rngs)
+  """MiniLM + LoRA + head; ``seed`` draws the LoRA ``A`` init and the head init (``B`` starts at 0)."""
+  rngs = nnx.Rngs(seed)
+  encoder, _ = load_minilm(lora_rank, LORA_TARGETS, rngs=rngs)
+  return EncoderClassifier(encoder, len(NOUN_LEXNAMES), rngs=rngs)
 
 
 def lora_factors(tree: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``{"encoder/layers/0/query": (A (in, r), B (r, out)), ...}`` for the ``nnx.LoRA`` adapters in an ``nnx.State``.
+  """``{"encoder/layers/0/query": (A (in, r), B (r, out)), ...}`` for the ``nnx.LoRA`` adapters in an ``nnx.State``.
 
-    Found from the variable type, not with the library's own pairing, so the
-    diagnostics do not depend on the code they measure.
-    """
-    found: dict[str, dict[str, jax.Array]] = defaultdict(dict)
-    for path, var in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        if isinstance(var, nnx.LoRAParam):
-            names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-            found["/".join(names[:-2])][names[-1]] = var[...]  # drop ".../lora/lora_a"
-    return {key: (f["lora_a"], f["lora_b"]) for key, f in found.items()}
+  Found from the variable type, not with the library's own pairing, so the
+  diagnostics do not depend on the code they measure.
+  """
+  found: dict[str, dict[str, jax.Array]] = defaultdict(dict)
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  ):
+    if isinstance(var, nnx.LoRAParam):
+      names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+      found["/".join(names[:-2])][names[-1]] = var[...]  # drop ".../lora/lora_a"
+  return {key: (f["lora_a"], f["lora_b"]) for key, f in found.items()}
 
 
 DIAGNOSTICS = ("a_norm", "b_norm", "w1_rms", "w2_rms")
 
 
 def pair_diagnostics(before: Any, after: Any, scale: float = LORA_SCALE) -> dict[str, jax.Array]:
-    """Per LoRA pair, stacked to ``(pairs,)``: factor norms after the step and the W-step's parts.
+  """Per LoRA pair, stacked to ``(pairs,)``: factor norms after the step and the W-step's parts.
 
-    With the applied updates ``dA = A' - A``, ``dB = B' - B`` the step is
-    ``s(A'B' - AB) = s(dA B + A dB) + s dA dB``: ``w1_rms`` is the RMS of the
-    first-order part (what the optimizer's W-space reasoning controls),
-    ``w2_rms`` of the second-order part (what it ignores). Dense, 384 x 384.
-    """
-    old, new = lora_factors(before), lora_factors(after)
-    rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
-    rows = []
-    for key, (a, b) in old.items():
-        a_new, b_new = new[key]
-        da, db = a_new - a, b_new - b
-        rows.append((jnp.linalg.norm(a_new), jnp.linalg.norm(b_new),
-                     rms(scale * (da @ b + a @ db)), rms(scale * (da @ db))))
-    return {name: jnp.stack(column) for name, column in zip(DIAGNOSTICS, zip(*rows))}
+  With the applied updates ``dA = A' - A``, ``dB = B' - B`` the step is
+  ``s(A'B' - AB) = s(dA B + A dB) + s dA dB``: ``w1_rms`` is the RMS of the
+  first-order part (what the optimizer's W-space reasoning controls),
+  ``w2_rms`` of the second-order part (what it ignores). Dense, 384 x 384.
+  """
+  old, new = lora_factors(before), lora_factors(after)
+  rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
+  rows = []
+  for key, (a, b) in old.items():
+    a_new, b_new = new[key]
+    da, db = a_new - a, b_new - b
+    rows.append(
+        (
+            jnp.linalg.norm(a_new),
+            jnp.linalg.norm(b_new),
+            rms(scale * (da @ b + a @ db)),
+            rms(scale * (da @ db)),
+        )
+    )
+  return {name: jnp.stack(column) for name, column in zip(DIAGNOSTICS, zip(*rows))}
 
 
-def _make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, diagnostics: bool) -> Callable:
-    """One jitted step over the split state; ``jax.jit`` measured ~10% faster than ``nnx.jit`` here."""
+def _make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, diagnostics: bool
+) -> Callable:
+  """One jitted step over the split state; ``jax.jit`` measured ~10% faster than ``nnx.jit`` here."""
 
-    def loss_fn(trainable, frozen, ids, mask, labels):
-        logits = nnx.merge(graphdef, trainable, frozen)(ids, mask)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  def loss_fn(trainable, frozen, ids, mask, labels):
+    logits = nnx.merge(graphdef, trainable, frozen)(ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def step(trainable, opt_state, frozen, ids, mask, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, labels)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        new = optax.apply_updates(trainable, updates)
-        return new, opt_state, loss, pair_diagnostics(trainable, new) if diagnostics else {}
+  def step(trainable, opt_state, frozen, ids, mask, labels):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, labels)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    new = optax.apply_updates(trainable, updates)
+    return new, opt_state, loss, pair_diagnostics(trainable, new) if diagnostics else {}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Class predictions; module-level so its compilations are shared by all runs."""
-    return jnp.argmax(nnx.merge(graphdef, trainable, frozen)(ids, mask), -1)
+def _predict(
+    graphdef: nnx.GraphDef, trainable: Any, frozen: Any, ids: jax.Array, mask: jax.Array
+) -> jax.Array:
+  """Class predictions; module-level so its compilations are shared by all runs."""
+  return jnp.argmax(nnx.merge(graphdef, trainable, frozen)(ids, mask), -1)
 
 
-def evaluate(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, chunks: Sequence[EvalChunk]) -> float:
-    """Held-out accuracy over ``chunks``."""
-    correct = 0
-    for c in chunks:
-        pred = np.asarray(_predict(graphdef, trainable, frozen, c.input_ids, c.attention_mask))
-        correct += int(np.sum(pred[:c.real] == c.labels))
-    return correct / sum(c.real for c in chunks)
+def evaluate(
+    graphdef: nnx.GraphDef, trainable: Any, frozen: Any, chunks: Sequence[EvalChunk]
+) -> float:
+  """Held-out accuracy over ``chunks``."""
+  correct = 0
+  for c in chunks:
+    pred = np.asarray(_predict(graphdef, trainable, frozen, c.input_ids, c.attention_mask))
+    correct += int(np.sum(pred[: c.real] == c.labels))
+  return correct / sum(c.real for c in chunks)
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def run(optimizer_name: str, tx_factory: Factory, peak_lr: float, seed: int, *, steps: int = 150, batch: int = 32,
-        warmup_frac: float = 0.1, lora_rank: int = 8, eval_examples: int = 2000, eval_every: int = 25,
-        diagnostics: bool = False, on_params: Callable[[int, Any], None] | None = None,
-        progress: bool = True) -> dict:
-    """Fine-tunes one model with ``tx_factory(warmup_cosine_decay_schedule(0, peak_lr, warmup, steps))``.
+def run(
+    optimizer_name: str,
+    tx_factory: Factory,
+    peak_lr: float,
+    seed: int,
+    *,
+    steps: int = 150,
+    batch: int = 32,
+    warmup_frac: float = 0.1,
+    lora_rank: int = 8,
+    eval_examples: int = 2000,
+    eval_every: int = 25,
+    diagnostics: bool = False,
+    on_params: Callable[[int, Any], None] | None = None,
+    progress: bool = True,
+) -> dict:
+  """Fine-tunes one model with ``tx_factory(warmup_cosine_decay_schedule(0, peak_lr, warmup, steps))``.
 
-    Held-out accuracy is measured every ``eval_every`` steps and after the last
-    one. ``on_params(t, trainable)`` (tests, debugging) sees the trainable
-    ``nnx.State`` after ``t`` steps, from ``t = 0``; copy what you keep, the
-    buffers are donated to the next step.
+  Held-out accuracy is measured every ``eval_every`` steps and after the last
+  one. ``on_params(t, trainable)`` (tests, debugging) sees the trainable
+  ``nnx.State`` after ``t`` steps, from ``t = 0``; copy what you keep, the
+  buffers are donated to the next step.
 
-    Returns a JSON-ready dict: the settings, ``losses`` (per step),
-    ``eval_steps``/``accuracies``, ``final_accuracy``, ``best_accuracy``, wall
-    times, and with ``diagnostics`` the per-pair :func:`pair_diagnostics` of
-    every step (``diagnostics.per_pair[metric][step][pair]``).
-    """
-    start = time.perf_counter()
-    train, _ = _data()
-    chunks = eval_chunks(eval_examples)
-    graphdef, trainable, frozen = nnx.split(build_model(seed, lora_rank), TRAINABLE, ...)
-    warmup = max(1, round(warmup_frac * steps))
-    tx = tx_factory(optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, steps))
-    opt_state = tx.init(trainable)
-    train_step = _make_train_step(graphdef, tx, diagnostics)
-    order = batch_order(seed, steps * batch, len(train)).reshape(steps, batch)
-    eval_at = set(range(eval_every, steps + 1, eval_every)) | {steps}
-    losses, eval_steps, accuracies, per_step = [], [], [], []
-    times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
-    if on_params is not None:
-        on_params(0, trainable)
-    bar = tqdm(range(steps), desc=f"{optimizer_name} lr={peak_lr:g} seed={seed}", leave=False, disable=not progress)
-    for t in bar:
-        rows = order[t]
-        tick = time.perf_counter()
-        trainable, opt_state, loss, diag = train_step(
-            trainable, opt_state, frozen, train.input_ids[rows], train.attention_mask[rows], train.labels[rows])
-        losses.append(float(loss))
-        times["train_s"] += time.perf_counter() - tick
-        if t == 0:
-            times["first_step_s"] = times["train_s"]  # mostly compilation
-        if diagnostics:
-            per_step.append({k: np.asarray(v).tolist() for k, v in diag.items()})
-        if on_params is not None:
-            on_params(t + 1, trainable)
-        if t + 1 in eval_at:
-            tick = time.perf_counter()
-            accuracies.append(evaluate(graphdef, trainable, frozen, chunks))
-            eval_steps.append(t + 1)
-            times["eval_s"] += time.perf_counter() - tick
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accuracies[-1]:.3f}")
-    result = dict(
-        optimizer=optimizer_name, lr=peak_lr, seed=seed, steps=steps, batch=batch, warmup_steps=warmup,
-        lora_rank=lora_rank, eval_examples=len(eval_indices(eval_examples)), losses=losses,
-        eval_steps=eval_steps, accuracies=accuracies, final_accuracy=accuracies[-1],
-        best_accuracy=max(accuracies), finite=bool(np.all(np.isfinite(losses))),
-        wall_s=time.perf_counter() - start, **times)
+  Returns a JSON-ready dict: the settings, ``losses`` (per step),
+  ``eval_steps``/``accuracies``, ``final_accuracy``, ``best_accuracy``, wall
+  times, and with ``diagnostics`` the per-pair :func:`pair_diagnostics` of
+  every step (``diagnostics.per_pair[metric][step][pair]``).
+  """
+  start = time.perf_counter()
+  train, _ = _data()
+  chunks = eval_chunks(eval_examples)
+  graphdef, trainable, frozen = nnx.split(build_model(seed, lora_rank), TRAINABLE, ...)
+  warmup = max(1, round(warmup_frac * steps))
+  tx = tx_factory(optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, steps))
+  opt_state = tx.init(trainable)
+  train_step = _make_train_step(graphdef, tx, diagnostics)
+  order = batch_order(seed, steps * batch, len(train)).reshape(steps, batch)
+  eval_at = set(range(eval_every, steps + 1, eval_every)) | {steps}
+  losses, eval_steps, accuracies, per_step = [], [], [], []
+  times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+  if on_params is not None:
+    on_params(0, trainable)
+  bar = tqdm(
+      range(steps),
+      desc=f"{optimizer_name} lr={peak_lr:g} seed={seed}",
+      leave=False,
+      disable=not progress,
+  )
+  for t in bar:
+    rows = order[t]
+    tick = time.perf_counter()
+    trainable, opt_state, loss, diag = train_step(
+        trainable,
+        opt_state,
+        frozen,
+        train.input_ids[rows],
+        train.attention_mask[rows],
+        train.labels[rows],
+    )
+    losses.append(float(loss))
+    times["train_s"] += time.perf_counter() - tick
+    if t == 0:
+      times["first_step_s"] = times["train_s"]  # mostly compilation
     if diagnostics:
-        result["diagnostics"] = dict(pairs=list(lora_factors(trainable)),
-                                     per_pair={k: [row[k] for row in per_step] for k in DIAGNOSTICS})
-    return result
+      per_step.append({k: np.asarray(v).tolist() for k, v in diag.items()})
+    if on_params is not None:
+      on_params(t + 1, trainable)
+    if t + 1 in eval_at:
+      tick = time.perf_counter()
+      accuracies.append(evaluate(graphdef, trainable, frozen, chunks))
+      eval_steps.append(t + 1)
+      times["eval_s"] += time.perf_counter() - tick
+      bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accuracies[-1]:.3f}")
+  result = dict(
+      optimizer=optimizer_name,
+      lr=peak_lr,
+      seed=seed,
+      steps=steps,
+      batch=batch,
+      warmup_steps=warmup,
+      lora_rank=lora_rank,
+      eval_examples=len(eval_indices(eval_examples)),
+      losses=losses,
+      eval_steps=eval_steps,
+      accuracies=accuracies,
+      final_accuracy=accuracies[-1],
+      best_accuracy=max(accuracies),
+      finite=bool(np.all(np.isfinite(losses))),
+      wall_s=time.perf_counter() - start,
+      **times,
+  )
+  if diagnostics:
+    result["diagnostics"] = dict(
+        pairs=list(lora_factors(trainable)),
+        per_pair={k: [row[k] for row in per_step] for k in DIAGNOSTICS},
+    )
+  return result
 
 
 def diagnostics_summary(result: dict, early: int = 30) -> dict[str, dict[str, float]]:
-    """Medians over steps (the first ``early`` and all) of the pair-median and pair-max of each diagnostic.
+  """Medians over steps (the first ``early`` and all) of the pair-median and pair-max of each diagnostic.
 
-    ``ratio`` is ``w2_rms / w1_rms`` per pair and step (steps with no update,
-    such as step 0 at lr 0, are skipped).
-    """
-    per = {k: np.asarray(v, dtype=float) for k, v in result["diagnostics"]["per_pair"].items()}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per["ratio"] = np.where(per["w1_rms"] > 0, per["w2_rms"] / per["w1_rms"], np.nan)
-    out = {}
-    for name, values in per.items():
-        for span, rows in (("early", values[:early]), ("all", values)):
-            rows = rows[~np.all(np.isnan(rows), axis=1)]
-            out.setdefault(name, {})[f"{span}_median"] = float(np.median(np.nanmedian(rows, axis=1)))
-            out[name][f"{span}_max"] = float(np.median(np.nanmax(rows, axis=1)))
-            out[name][f"{span}_peak"] = float(np.nanmax(rows))
-    return out
+  ``ratio`` is ``w2_rms / w1_rms`` per pair and step (steps with no update,
+  such as step 0 at lr 0, are skipped).
+  """
+  per = {k: np.asarray(v, dtype=float) for k, v in result["diagnostics"]["per_pair"].items()}
+  with np.errstate(divide="ignore", invalid="ignore"):
+    per["ratio"] = np.where(per["w1_rms"] > 0, per["w2_rms"] / per["w1_rms"], np.nan)
+  out = {}
+  for name, values in per.items():
+    for span, rows in (("early", values[:early]), ("all", values)):
+      rows = rows[~np.all(np.isnan(rows), axis=1)]
+      out.setdefault(name, {})[f"{span}_median"] = float(np.median(np.nanmedian(rows, axis=1)))
+      out[name][f"{span}_max"] = float(np.median(np.nanmax(rows, axis=1)))
+      out[name][f"{span}_peak"] = float(np.nanmax(rows))
+  return out
 
 
 # ------------------------------------------------------------------------ reporting
 
 
 def summarize(runs: Sequence[dict]) -> dict[str, dict]:
-    """Per optimizer: per lr the mean/std/min/max of final and best accuracy over seeds, and the best lr (by mean final)."""
-    groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        groups[r["optimizer"]][r["lr"]].append(r)
-    summary = {}
-    for name, by_lr in groups.items():
-        stats = {}
-        for lr, rs in sorted(by_lr.items()):
-            final, best = np.array([r["final_accuracy"] for r in rs]), np.array([r["best_accuracy"] for r in rs])
-            stats[lr] = dict(seeds=[r["seed"] for r in rs], final_mean=final.mean(), final_std=final.std(),
-                             final_min=final.min(), final_max=final.max(), best_mean=best.mean(), best_std=best.std())
-        summary[name] = dict(lrs=stats, best_lr=max(stats, key=lambda lr: stats[lr]["final_mean"]))
-    return summary
+  """Per optimizer: per lr the mean/std/min/max of final and best accuracy over seeds, and the best lr (by mean final)."""
+  groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+  for r in runs:
+    groups[r["optimizer"]][r["lr"]].append(r)
+  summary = {}
+  for name, by_lr in groups.items():
+    stats = {}
+    for lr, rs in sorted(by_lr.items()):
+      final, best = np.array([r["final_accuracy"] for r in rs]), np.array(
+          [r["best_accuracy"] for r in rs]
+      )
+      stats[lr] = dict(
+          seeds=[r["seed"] for r in rs],
+          final_mean=final.mean(),
+          final_std=final.std(),
+          final_min=final.min(),
+          final_max=final.max(),
+          best_mean=best.mean(),
+          best_std=best.std(),
+      )
+    summary[name] = dict(lrs=stats, best_lr=max(stats, key=lambda lr: stats[lr]["final_mean"]))
+  return summary
 
 
 def format_table(summary: dict[str, dict], baseline: float) -> str:
-    """Accuracy per optimizer and lr (mean ± std over seeds), best lr starred, then one summary line per optimizer."""
-    lines = [f"{'optimizer':<24} {'lr':>8} {'seeds':>5}  {'final acc':>15}  {'best acc':>15}"]
-    for name, s in summary.items():
-        for lr, st in s["lrs"].items():
-            star = " *" if lr == s["best_lr"] else ""
-            lines.append(f"{name:<24} {lr:>8.0e} {len(st['seeds']):>5}  {st['final_mean']:.4f} ± {st['final_std']:.4f}"
-                         f"  {st['best_mean']:.4f} ± {st['best_std']:.4f}{star}")
-    lines.append(f"majority-class baseline: {baseline:.4f}")
-    for name, s in summary.items():
-        st = s["lrs"][s["best_lr"]]
-        lines.append(f"SUMMARY {name}: best lr {s['best_lr']:g}, final held-out accuracy "
-                     f"{st['final_mean']:.4f} ± {st['final_std']:.4f} over {len(st['seeds'])} seed(s)")
-    return "\n".join(lines)
+  """Accuracy per optimizer and lr (mean ± std over seeds), best lr starred, then one summary line per optimizer."""
+  lines = [f"{'optimizer':<24} {'lr':>8} {'seeds':>5}  {'final acc':>15}  {'best acc':>15}"]
+  for name, s in summary.items():
+    for lr, st in s["lrs"].items():
+      star = " *" if lr == s["best_lr"] else ""
+      lines.append(
+          f"{name:<24} {lr:>8.0e} {len(st['seeds']):>5}  {st['final_mean']:.4f} ± {st['final_std']:.4f}"
+          f"  {st['best_mean']:.4f} ± {st['best_std']:.4f}{star}"
+      )
+  lines.append(f"majority-class baseline: {baseline:.4f}")
+  for name, s in summary.items():
+    st = s["lrs"][s["best_lr"]]
+    lines.append(
+        f"SUMMARY {name}: best lr {s['best_lr']:g}, final held-out accuracy "
+        f"{st['final_mean']:.4f} ± {st['final_std']:.4f} over {len(st['seeds'])} seed(s)"
+    )
+  return "\n".join(lines)
 
 
 def plot(runs: Sequence[dict], summary: dict[str, dict], baseline: float, path: Path) -> None:
-    """Left: accuracy vs step at each optimizer's best lr (mean, min-max band). Right: final accuracy vs lr."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  """Left: accuracy vs step at each optimizer's best lr (mean, min-max band). Right: final accuracy vs lr."""
+  import matplotlib
 
-    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, s in summary.items():
-        rs = [r for r in runs if r["optimizer"] == name and r["lr"] == s["best_lr"]]
-        acc = np.array([r["accuracies"] for r in rs])
-        line, = curves.plot(rs[0]["eval_steps"], acc.mean(0), marker="o", label=f"{name} (lr={s['best_lr']:g})")
-        curves.fill_between(rs[0]["eval_steps"], acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
-        lrs = list(s["lrs"])
-        mean = np.array([s["lrs"][lr]["final_mean"] for lr in lrs])
-        spread = [mean - [s["lrs"][lr]["final_min"] for lr in lrs], [s["lrs"][lr]["final_max"] for lr in lrs] - mean]
-        sweep.errorbar(lrs, mean, yerr=spread, marker="o", capsize=3, label=name)
-    for ax in (curves, sweep):
-        ax.axhline(baseline, color="gray", linestyle="--", label="majority class")
-        ax.set_ylabel("held-out accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    curves.set_xlabel("step")
-    curves.set_title("accuracy at the best lr (mean over seeds, min-max band)")
-    sweep.set_xscale("log")
-    sweep.set_xlabel("peak learning rate")
-    sweep.set_title("final accuracy vs lr")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (curves, sweep) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, s in summary.items():
+    rs = [r for r in runs if r["optimizer"] == name and r["lr"] == s["best_lr"]]
+    acc = np.array([r["accuracies"] for r in rs])
+    (line,) = curves.plot(
+        rs[0]["eval_steps"], acc.mean(0), marker="o", label=f"{name} (lr={s['best_lr']:g})"
+    )
+    curves.fill_between(
+        rs[0]["eval_steps"], acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2
+    )
+    lrs = list(s["lrs"])
+    mean = np.array([s["lrs"][lr]["final_mean"] for lr in lrs])
+    spread = [
+        mean - [s["lrs"][lr]["final_min"] for lr in lrs],
+        [s["lrs"][lr]["final_max"] for lr in lrs] - mean,
+    ]
+    sweep.errorbar(lrs, mean, yerr=spread, marker="o", capsize=3, label=name)
+  for ax in (curves, sweep):
+    ax.axhline(baseline, color="gray", linestyle="--", label="majority class")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  curves.set_xlabel("step")
+  curves.set_title("accuracy at the best lr (mean over seeds, min-max band)")
+  sweep.set_xscale("log")
+  sweep.set_xlabel("peak learning rate")
+  sweep.set_title("final accuracy vs lr")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
-def _parse_lrs(values: Sequence[str] | None, names: Sequence[str], sweep: bool) -> dict[str, list[float]]:
-    """``--lrs``: plain floats for every optimizer, or ``name=lr1,lr2`` per optimizer; else grid or tuned lr."""
-    plain = [float(v) for v in values or () if "=" not in v]
-    named = {k: [float(x) for x in v.split(",")] for k, _, v in (s.partition("=") for s in values or () if "=" in s)}
-    unknown = set(named) - set(names)
-    if unknown:
-        raise SystemExit(f"--lrs names optimizers that are not run: {sorted(unknown)}")
-    default = lambda n: list(GRIDS[family(n)]) if sweep else [TUNED_LR[family(n)]]
-    return {n: named.get(n) or plain or default(n) for n in names}
+def _parse_lrs(
+    values: Sequence[str] | None, names: Sequence[str], sweep: bool
+) -> dict[str, list[float]]:
+  """``--lrs``: plain floats for every optimizer, or ``name=lr1,lr2`` per optimizer; else grid or tuned lr."""
+  plain = [float(v) for v in values or () if "=" not in v]
+  named = {
+      k: [float(x) for x in v.split(",")]
+      for k, _, v in (s.partition("=") for s in values or () if "=" in s)
+  }
+  unknown = set(named) - set(names)
+  if unknown:
+    raise SystemExit(f"--lrs names optimizers that are not run: {sorted(unknown)}")
+  default = lambda n: list(GRIDS[family(n)]) if sweep else [TUNED_LR[family(n)]]
+  return {n: named.get(n) or plain or default(n) for n in names}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="MiniLM + LoRA fine-tuning on WordNet noun categories: "
-                                                 "held-out accuracy per optimizer and learning rate.")
-    parser.add_argument("--optimizers", nargs="+", default=["adamw", "adaprelora"],
-                        help=f"names from {sorted(OPTIMIZERS)}, or adamw:k=v,... / adaprelora:k=v,...")
-    parser.add_argument("--lrs", nargs="+", help="peak lrs for every optimizer, or name=lr1,lr2 per optimizer "
-                                                 "(default: the tuned lr, or the grid with --sweep)")
-    parser.add_argument("--sweep", action="store_true", help="the lr grids and seeds 0 1 2 (unless given)")
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--warmup-frac", type=float, default=0.1)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--eval-examples", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--diagnostics", action="store_true", help="record factor norms and W-step RMS per step")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/finetune"))
-    args = parser.parse_args(argv)
+  parser = argparse.ArgumentParser(
+      description="MiniLM + LoRA fine-tuning on WordNet noun categories: "
+      "held-out accuracy per optimizer and learning rate."
+  )
+  parser.add_argument(
+      "--optimizers",
+      nargs="+",
+      default=["adamw", "adaprelora"],
+      help=f"names from {sorted(OPTIMIZERS)}, or adamw:k=v,... / adaprelora:k=v,...",
+  )
+  parser.add_argument(
+      "--lrs",
+      nargs="+",
+      help="peak lrs for every optimizer, or name=lr1,lr2 per optimizer "
+      "(default: the tuned lr, or the grid with --sweep)",
+  )
+  parser.add_argument(
+      "--sweep", action="store_true", help="the lr grids and seeds 0 1 2 (unless given)"
+  )
+  parser.add_argument("--seeds", nargs="+", type=int)
+  parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--warmup-frac", type=float, default=0.1)
+  parser.add_argument("--lora-rank", type=int, default=8)
+  parser.add_argument("--eval-examples", type=int, default=2000)
+  parser.add_argument("--eval-every", type=int, default=25)
+  parser.add_argument(
+      "--diagnostics", action="store_true", help="record factor norms and W-step RMS per step"
+  )
+  parser.add_argument("--out", type=Path, default=Path("benchmarks/out/finetune"))
+  args = parser.parse_args(argv)
 
-    factories = {name: resolve_optimizer(name) for name in args.optimizers}
-    lrs = _parse_lrs(args.lrs, args.optimizers, args.sweep)
-    seeds = args.seeds or ([0, 1, 2] if args.sweep else [0])
-    jobs = [(name, lr, seed) for name in args.optimizers for lr in lrs[name] for seed in seeds]
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "finetune.json", args.out / "finetune.png"
-    baseline = majority_baseline(args.eval_examples)
-    report = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  weight_decay=WEIGHT_DECAY, majority_baseline=baseline, runs=[])
-    start = time.perf_counter()
-    for name, lr, seed in tqdm(jobs, desc="runs"):
-        result = run(name, factories[name], lr, seed, steps=args.steps, batch=args.batch,
-                     warmup_frac=args.warmup_frac, lora_rank=args.lora_rank, eval_examples=args.eval_examples,
-                     eval_every=args.eval_every, diagnostics=args.diagnostics)
-        if args.diagnostics:
-            result["diagnostics"]["summary"] = diagnostics_summary(result)
-        report["runs"].append(result)
-        tqdm.write(f"{name} lr={lr:g} seed={seed}: final {result['final_accuracy']:.4f} "
-                   f"best {result['best_accuracy']:.4f} ({result['wall_s']:.0f} s)")
-        json_path.write_text(json.dumps(report, indent=1))  # keep finished runs if interrupted
-    report["summary"] = summarize(report["runs"])
-    report["wall_s"] = time.perf_counter() - start
-    json_path.write_text(json.dumps(report, indent=1))
-    plot(report["runs"], report["summary"], baseline, png_path)
-    print(format_table(report["summary"], baseline))
+  factories = {name: resolve_optimizer(name) for name in args.optimizers}
+  lrs = _parse_lrs(args.lrs, args.optimizers, args.sweep)
+  seeds = args.seeds or ([0, 1, 2] if args.sweep else [0])
+  jobs = [(name, lr, seed) for name in args.optimizers for lr in lrs[name] for seed in seeds]
+  args.out.mkdir(parents=True, exist_ok=True)
+  json_path, png_path = args.out / "finetune.json", args.out / "finetune.png"
+  baseline = majority_baseline(args.eval_examples)
+  report = dict(
+      config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+      weight_decay=WEIGHT_DECAY,
+      majority_baseline=baseline,
+      runs=[],
+  )
+  start = time.perf_counter()
+  for name, lr, seed in tqdm(jobs, desc="runs"):
+    result = run(
+        name,
+        factories[name],
+        lr,
+        seed,
+        steps=args.steps,
+        batch=args.batch,
+        warmup_frac=args.warmup_frac,
+        lora_rank=args.lora_rank,
+        eval_examples=args.eval_examples,
+        eval_every=args.eval_every,
+        diagnostics=args.diagnostics,
+    )
     if args.diagnostics:
-        for r in report["runs"]:
-            print(f"diagnostics {r['optimizer']} lr={r['lr']:g} seed={r['seed']} (median over steps of pair-median"
-                  f" / pair-max; early = first 30 steps):")
-            for metric, v in r["diagnostics"]["summary"].items():
-                print(f"  {metric:>7}: early {v['early_median']:.3e} / {v['early_max']:.3e}   "
-                      f"all {v['all_median']:.3e} / {v['all_max']:.3e}   peak {v['all_peak']:.3e}")
-    print(f"wrote {json_path} and {png_path} ({report['wall_s']:.0f} s)")
-    return report
+      result["diagnostics"]["summary"] = diagnostics_summary(result)
+    report["runs"].append(result)
+    tqdm.write(
+        f"{name} lr={lr:g} seed={seed}: final {result['final_accuracy']:.4f} "
+        f"best {result['best_accuracy']:.4f} ({result['wall_s']:.0f} s)"
+    )
+    json_path.write_text(json.dumps(report, indent=1))  # keep finished runs if interrupted
+  report["summary"] = summarize(report["runs"])
+  report["wall_s"] = time.perf_counter() - start
+  json_path.write_text(json.dumps(report, indent=1))
+  plot(report["runs"], report["summary"], baseline, png_path)
+  print(format_table(report["summary"], baseline))
+  if args.diagnostics:
+    for r in report["runs"]:
+      print(
+          f"diagnostics {r['optimizer']} lr={r['lr']:g} seed={r['seed']} (median over steps of pair-median"
+          f" / pair-max; early = first 30 steps):"
+      )
+      for metric, v in r["diagnostics"]["summary"].items():
+        print(
+            f"  {metric:>7}: early {v['early_median']:.3e} / {v['early_max']:.3e}   "
+            f"all {v['all_median']:.3e} / {v['all_max']:.3e}   peak {v['all_peak']:.3e}"
+        )
+  print(f"wrote {json_path} and {png_path} ({report['wall_s']:.0f} s)")
+  return report
 
 
 if __name__ == "__main__":
-    main()
+  main()
