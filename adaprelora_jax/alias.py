@@ -37,7 +37,7 @@ def adaprelora(
     decay_rate: float = 0.8,
     b2: float | None = None,
     eps: float = 1e-30,
-    damping: float = 1e-6,
+    damping: float = 1e-4,
     lora_scale: float = 1.0,
     clipping_threshold: float | None = 1.0,
     weight_decay: float = 0.0,

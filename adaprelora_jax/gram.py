@@ -5,12 +5,12 @@ quantity the optimizer needs (the factors' frames, the tangent statistics of
 SPEC §4, the closed-form solve of SPEC §3, the W-step's RMS) is a product
 ``[m-side stack] @ (r × r coefficients)`` or a quadratic form in Gram matrices
 of such stacks. So each slice costs a handful of wide matrix products, each
-``O((m + n) r²)``, and ``r × r`` Cholesky factorisations; nothing ``m × n`` is
+``O((m + n) r²)``, and ``r × r`` eigendecompositions; nothing ``m × n`` is
 ever formed. On accelerators and CPUs alike the number of large products,
 not their flops, dominates the cost of LoRA-sized factors.
 
-Frames (SPEC §5 damping ``δ``): with ``AᵀA + δ = L_A L_Aᵀ`` and
-``BBᵀ + δ = L_B L_Bᵀ``, ``Â = A L_A⁻ᵀ`` and ``B̂ = L_B⁻¹ B`` span ``A``'s
+Frames (SPEC §5 damping ``δ``): with the symmetric roots
+``L_A = (AᵀA + δ)^½`` and ``L_B = (BBᵀ + δ)^½``, ``Â = A L_A⁻ᵀ`` and ``B̂ = L_B⁻¹ B`` span ``A``'s
 column space and ``B``'s row space, orthonormally up to ``δ``
 (``ÂᵀÂ = L_A⁻¹ AᵀA L_A⁻ᵀ`` has eigenvalues ``σ²/(σ²+δ)``). The damped
 projections are ``P_A = ÂÂᵀ``, ``P_B = B̂ᵀB̂``, and a W-gradient ``G`` (seen as
@@ -30,40 +30,57 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 Array = jax.Array
 
 
-def damped_cholesky(gram: Array, damping: Array | float) -> Array:
-  """Lower Cholesky factor of ``gram + δ I``, ``δ = damping · tr(gram)/r + tiny``.
+class DampedEigh(NamedTuple):
+  """``M + δ I = vecs diag(vals) vecsᵀ`` for an ``r × r`` Gram matrix ``M``."""
+
+  vals: Array
+  vecs: Array
+
+
+def damped_eigh(gram: Array, damping: Array | float) -> DampedEigh:
+  """Eigensystem of ``gram + δ I``, ``δ = damping · tr(gram)/r + tiny`` (SPEC §5).
 
   The shift is relative, so SPEC §3's scale invariance holds up to
-  ``damping``; ``tiny`` keeps an all-zero factor invertible.
+  ``damping``; ``tiny`` keeps an all-zero factor invertible. The Gram of a
+  rank-deficient factor (``B`` one step after ``B = 0``, on a rank-one
+  gradient) comes out of float32 rounding indefinite by about
+  ``√n ε tr(gram)``, more than ``δ`` covers, and a Cholesky factorisation
+  then returns NaN; clamping the eigenvalues at 0 first restores the PSD
+  matrix the rounding perturbed.
   """
   r = gram.shape[-1]
-  tiny = jnp.sqrt(jnp.finfo(gram.dtype).tiny)
-  delta = damping * jnp.trace(gram) / r + tiny
-  return jnp.linalg.cholesky(gram + delta * jnp.eye(r, dtype=gram.dtype))
-
-
-def triangular_inverse(chol: Array) -> Array:
-  """``L⁻¹`` for a lower-triangular ``r × r`` ``L``."""
-  eye = jnp.eye(chol.shape[-1], dtype=chol.dtype)
-  return solve_triangular(chol, eye, lower=True)
+  vals, vecs = jnp.linalg.eigh(gram)
+  delta = damping * jnp.trace(gram) / r + jnp.sqrt(jnp.finfo(gram.dtype).tiny)
+  return DampedEigh(jnp.maximum(vals, 0.0) + delta, vecs)
 
 
 def damped_inverse(gram: Array, damping: Array | float) -> Array:
-  """``(gram + δ I)⁻¹`` of an ``r × r`` Gram matrix, via Cholesky."""
-  inv_chol = triangular_inverse(damped_cholesky(gram, damping))
-  return inv_chol.T @ inv_chol
+  """``(gram + δ I)⁻¹`` of an ``r × r`` Gram matrix."""
+  eig = damped_eigh(gram, damping)
+  return (eig.vecs / eig.vals) @ eig.vecs.T
+
+
+def damped_sqrt(gram: Array, damping: Array | float) -> tuple[Array, Array]:
+  """``(L, L⁻¹)`` for the symmetric square root ``L = (gram + δ I)^½``.
+
+  The symmetric root, unlike an eigenvector basis, is continuous in
+  ``gram`` (it is unique), so frame coordinates built from it vary smoothly
+  from step to step, which momentum kept in those coordinates relies on.
+  """
+  eig = damped_eigh(gram, damping)
+  root = jnp.sqrt(eig.vals)
+  return (eig.vecs * root) @ eig.vecs.T, (eig.vecs / root) @ eig.vecs.T
 
 
 class Frames(NamedTuple):
   """The ``r × r`` description of a slice's frames (see the module docstring)."""
 
-  chol_a: Array  # L_A
-  chol_b: Array  # L_B
+  root_a: Array  # L_A
+  root_b: Array  # L_B
   inv_a: Array   # L_A⁻¹
   inv_b: Array   # L_B⁻¹
   to_y: Array    # Ŷ = grad_a @ to_y
@@ -73,11 +90,11 @@ class Frames(NamedTuple):
 def frames(gram_a: Array, gram_b: Array, damping: Array | float,
            scale: Array | float) -> Frames:
   """Frames from ``AᵀA`` and ``BBᵀ``."""
-  chol_a, chol_b = damped_cholesky(gram_a, damping), damped_cholesky(gram_b, damping)
-  inv_a, inv_b = triangular_inverse(chol_a), triangular_inverse(chol_b)
+  root_a, inv_a = damped_sqrt(gram_a, damping)
+  root_b, inv_b = damped_sqrt(gram_b, damping)
   hat_a = inv_a @ gram_a @ inv_a.T  # ÂᵀÂ
   hat_b = inv_b @ gram_b @ inv_b.T  # B̂B̂ᵀ
-  return Frames(chol_a, chol_b, inv_a, inv_b,
+  return Frames(root_a, root_b, inv_a, inv_b,
                 to_y=inv_b.T @ hat_b / scale, to_x=hat_a @ inv_a / scale)
 
 

@@ -1,11 +1,18 @@
-"""Update time and optimizer-state memory of AdaPreLoRA relative to AdamW.
+"""Update time and optimizer-state memory of the LoRA-optimizer family, relative to AdamW.
 
-Both optimizers update the same LoRA parameters (7B-like layer shapes: q/k/v/o
-4096×4096, gate/up 4096×14336, down 14336×4096, rank 16) in one process,
-interleaved, so the ratios are measured side by side::
+Every optimizer updates the same LoRA parameters (7B-like layer shapes: q/k/v/o
+4096×4096, gate/up 4096×14336, down 14336×4096) in one process; the timed
+steps are interleaved across optimizers, so the ratios to ``optax.adamw`` are
+measured side by side and machine load affects them all alike::
 
-  python -m benchmarks.update_cost            # CPU-sized default (2 layers)
-  python -m benchmarks.update_cost --layers 32 --repeats 50   # on a GPU
+  python -m benchmarks.update_cost                       # CPU-sized: 2 layers, r=16, + scaling
+  python -m benchmarks.update_cost --optimizers adamw adaprelora adaprelora_b1 --no-scaling
+  python -m benchmarks.update_cost --size gpu            # 32 layers, more repeats
+
+Besides the main table it measures how the time ratio scales with the rank
+(``--ranks``, one layer) and with the number of layers (``--layer-counts``).
+On a GPU it also reports the peak device memory of each optimizer's step.
+Results go to ``--out``: ``update_cost.json`` and ``update_cost.png``.
 """
 
 from __future__ import annotations
@@ -21,11 +28,22 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from adaprelora_jax import adaprelora
+from benchmarks import family
 
-SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096),
-          "o": (4096, 4096), "gate": (4096, 14336), "up": (4096, 14336),
-          "down": (14336, 4096)}
+SHAPES = {
+    "q": (4096, 4096),
+    "k": (4096, 4096),
+    "v": (4096, 4096),
+    "o": (4096, 4096),
+    "gate": (4096, 14336),
+    "up": (4096, 14336),
+    "down": (14336, 4096),
+}
+SIZES = {
+    "cpu": dict(layers=2, repeats=10, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(1, 2, 4)),
+    "gpu": dict(layers=32, repeats=50, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(4, 8, 16, 32)),
+}
+DENSE_STATE = ("lora_pro_full",)  # m×n moments: left out of the scaling sweeps
 
 
 def lora_params(layers: int, rank: int, seed: int = 0) -> dict:
@@ -37,7 +55,8 @@ def lora_params(layers: int, rank: int, seed: int = 0) -> dict:
       key, ka, kb = jax.random.split(key, 3)
       params[f"layer_{layer}/{name}"] = {
           "lora_a": jax.random.normal(ka, (m, rank)) / np.sqrt(m),
-          "lora_b": 0.01 * jax.random.normal(kb, (rank, n))}
+          "lora_b": 0.01 * jax.random.normal(kb, (rank, n)),
+      }
   return params
 
 
@@ -45,63 +64,156 @@ def state_bytes(state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def make_step(tx):
+def make_step(tx: optax.GradientTransformation):
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--rank", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out", default="benchmarks/out/update_cost.json")
-  args = parser.parse_args(argv)
+def _peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if stats is None else stats.get("peak_bytes_in_use")
 
-  optimizers = {
-      "adamw": optax.adamw(1e-4),
-      "adaprelora (b1=0.9)": adaprelora(1e-4, b1=0.9),
-      "adaprelora (no momentum)": adaprelora(1e-4),
-  }
-  params = lora_params(args.layers, args.rank)
+
+def measure(names: list[str], layers: int, rank: int, repeats: int, progress: bool = True) -> dict:
+  """Per optimizer: median update ms, state bytes, compile s, and the ratios to adamw."""
+  names = ["adamw"] + [n for n in names if n != "adamw"]
+  params = lora_params(layers, rank)
   grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
   runs = {}
-  for name, tx in optimizers.items():
+  for name in names:
+    tx = family.FAMILY[name](1e-4, 0.0)
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
     step = make_step(tx)
     t0 = time.perf_counter()
     p, s = jax.block_until_ready(step(p, s, grads))
-    runs[name] = dict(step=step, params=p, state=s, times=[],
-                      compile_s=time.perf_counter() - t0, bytes=state_bytes(s))
-  for _ in tqdm(range(args.repeats), desc="timing (interleaved)"):
+    runs[name] = dict(
+        step=step,
+        params=p,
+        state=s,
+        times=[],
+        compile_s=time.perf_counter() - t0,
+        bytes=state_bytes(s),
+        peak_bytes=_peak_bytes(),
+    )
+  bar = tqdm(range(repeats), desc=f"{layers} layers, r={rank}", leave=False, disable=not progress)
+  for _ in bar:
     for run in runs.values():
       t0 = time.perf_counter()
       run["params"], run["state"] = jax.block_until_ready(
-          run["step"](run["params"], run["state"], grads))
+          run["step"](run["params"], run["state"], grads)
+      )
       run["times"].append(time.perf_counter() - t0)
+  base_time, base_bytes = np.median(runs["adamw"]["times"]), runs["adamw"]["bytes"]
+  return {
+      name: dict(
+          update_ms=1e3 * float(np.median(run["times"])),
+          time_ratio=float(np.median(run["times"]) / base_time),
+          state_bytes=run["bytes"],
+          state_ratio=run["bytes"] / base_bytes,
+          compile_s=run["compile_s"],
+          peak_bytes=run["peak_bytes"],
+      )
+      for name, run in runs.items()
+  }
 
-  base = runs["adamw"]
-  result = {"device": jax.devices()[0].device_kind, "layers": args.layers,
-            "rank": args.rank, "repeats": args.repeats, "optimizers": {}}
-  print(f"\n{args.layers} layers x 7 LoRA pairs, r={args.rank}, "
-        f"device={result['device']}")
-  print(f"{'optimizer':28s} {'update ms':>10s} {'time/adamw':>11s} "
-        f"{'state MiB':>10s} {'state/adamw':>12s}")
-  for name, run in runs.items():
-    ms = 1e3 * float(np.median(run["times"]))
-    t_ratio = np.median(run["times"]) / np.median(base["times"])
-    m_ratio = run["bytes"] / base["bytes"]
-    result["optimizers"][name] = dict(
-        update_ms=ms, time_ratio=float(t_ratio), state_bytes=run["bytes"],
-        state_ratio=m_ratio, compile_s=run["compile_s"])
-    print(f"{name:28s} {ms:10.2f} {t_ratio:11.2f} "
-          f"{run['bytes'] / 2**20:10.1f} {m_ratio:12.3f}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
+
+def table(rows: dict) -> str:
+  lines = [
+      "| optimizer | update ms | time / adamw | state MiB | state / adamw |",
+      "|---|---|---|---|---|",
+  ]
+  for name, r in rows.items():
+    lines.append(
+        f"| {name} | {r['update_ms']:.1f} | {r['time_ratio']:.2f} | "
+        f"{r['state_bytes'] / 2**20:.1f} | {r['state_ratio']:.3f} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  """Time ratio to adamw vs rank and vs layers."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = [
+      (k, label)
+      for k, label in (("by_rank", "rank r (1 layer)"), ("by_layers", "layers (r=16)"))
+      if result.get(k)
+  ]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (key, label) in zip(axes[0], panels):
+    xs = sorted(result[key], key=int)
+    for name in result[key][xs[0]]:
+      ax.plot(
+          [int(x) for x in xs],
+          [result[key][x][name]["time_ratio"] for x in xs],
+          marker="o",
+          label=name,
+      )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("update time / adamw")
+    ax.set_title(f"{result['device']}")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", choices=list(SIZES), default="cpu")
+  parser.add_argument("--optimizers", nargs="+", help=f"default: all of {list(family.FAMILY)}")
+  parser.add_argument("--layers", type=int, help="layers of the main table (default: by --size)")
+  parser.add_argument("--rank", type=int, default=16)
+  parser.add_argument("--repeats", type=int)
+  parser.add_argument("--ranks", type=int, nargs="*", help="ranks of the rank sweep (1 layer)")
+  parser.add_argument("--layer-counts", type=int, nargs="*", help="layer counts of the layer sweep")
+  parser.add_argument("--no-scaling", action="store_true", help="only the main table")
+  parser.add_argument(
+      "--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/update_cost")
+  )
+  args = parser.parse_args(argv)
+  size = SIZES[args.size]
+  layers, repeats = args.layers or size["layers"], args.repeats or size["repeats"]
+  names = list(family.select(args.optimizers))
+  scaled = [n for n in names if n not in DENSE_STATE]
+  device = jax.devices()[0].device_kind
+
+  result = dict(device=device, layers=layers, rank=args.rank, repeats=repeats)
+  result["main"] = measure(names, layers, args.rank, repeats)
+  print(
+      f"\n{layers} layers x 7 LoRA pairs, r={args.rank}, device={device}\n{table(result['main'])}"
+  )
+  if not args.no_scaling:
+    ranks = size["ranks"] if args.ranks is None else args.ranks
+    counts = size["layer_counts"] if args.layer_counts is None else args.layer_counts
+    result["by_rank"] = {r: measure(scaled, 1, r, repeats) for r in tqdm(ranks, desc="rank sweep")}
+    result["by_layers"] = {
+        n: measure(scaled, n, args.rank, repeats) for n in tqdm(counts, desc="layer sweep")
+    }
+    for key in ("by_rank", "by_layers"):
+      print(f"\ntime / adamw, {key}")
+      print("| optimizer | " + " | ".join(map(str, result[key])) + " |")
+      print("|---|" + "---|" * len(result[key]))
+      for name in scaled:
+        print(
+            f"| {name} | "
+            + " | ".join(f"{result[key][x][name]['time_ratio']:.2f}" for x in result[key])
+            + " |"
+        )
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "update_cost.json").write_text(json.dumps(result, indent=1))
+  plot(result, args.out / "update_cost.png")
   return result
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 
 from adaprelora_jax import adaprelora
-from benchmarks.lora_regression import lora_regression, train
+from benchmarks.controlled import lora_regression, train
 
 
 def test_reaches_two_percent_of_initial_loss_in_400_steps():

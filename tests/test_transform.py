@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from adaprelora_jax import gram
 from adaprelora_jax import (WeightStats, adaprelora, scale_by_adaprelora,
                             solve_factor_update)
 from conftest import random_pair
@@ -68,7 +69,8 @@ def test_auto_statistics_use_weight_stats_when_given():
 def test_constant_b2_has_bias_corrected_moments():
   p = random_pair(3, 5, 4, 2)
   params = _pair_params(p)
-  tx = scale_by_adaprelora(b2=0.9, statistics="full", lora_scale=p["scale"])
+  tx = scale_by_adaprelora(b2=0.9, statistics="full", lora_scale=p["scale"],
+                           damping=1e-6)
   state = tx.init(params)
   rng = np.random.default_rng(0)
   v, direction = np.zeros(4), None
@@ -223,3 +225,44 @@ def test_finite_inputs_never_give_nan_over_many_steps():
     u, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, u)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
+
+
+@pytest.mark.parametrize("b1", [None, 0.9])
+def test_rank_one_gradients_from_zero_b_stay_stable_in_float32(b1):
+  """One example per step: B becomes rank one plus float32 rounding.
+
+  Its Gram is then indefinite by more than the damping (a Cholesky
+  factorisation returned NaN), and its rounding-level singular values sit
+  near √δ, where the solve's gain on the other factor peaks (at damping
+  1e-6 the loss below reached 1e8 and then NaN on most seeds).
+  """
+  m, n, r = 256, 256, 16
+  for seed in range(4):
+    rng = np.random.default_rng(seed)
+    params = {"p": {"lora_a": jnp.asarray(rng.normal(size=(m, r)) / np.sqrt(m), jnp.float32),
+                    "lora_b": jnp.zeros((r, n), jnp.float32)}}
+    x = jnp.asarray(rng.normal(size=(1, m)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(1, n)), jnp.float32)
+    loss = lambda p: jnp.sum((x @ p["p"]["lora_a"] @ p["p"]["lora_b"] - y) ** 2)
+    tx = adaprelora(1e-2, b1=b1)
+    state, initial = tx.init(params), float(loss(params))
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    for _ in range(8):
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+      assert np.isfinite(float(loss(params)))
+      assert float(loss(params)) < 100 * initial, (seed, float(loss(params)), initial)
+
+
+def test_damped_inverse_of_a_rounded_rank_one_gram_is_finite():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    b = jnp.asarray(rng.normal(size=(16, 1)) @ rng.normal(size=(1, 256)), jnp.float32)
+    gram_b = b @ b.T
+    assert np.linalg.eigvalsh(np.asarray(gram_b, np.float64)).min() < 0  # rounding
+    inv = gram.damped_inverse(gram_b, 1e-6)
+    assert np.all(np.isfinite(np.asarray(inv)))
+    # A PSD Gram plus δI has an inverse with eigenvalues in (0, 1/δ], up to rounding.
+    delta = 1e-6 * float(jnp.trace(gram_b)) / 16
+    evals = np.linalg.eigvalsh(np.asarray(inv, np.float64))
+    assert evals.min() > -1e-6 * evals.max() and evals.max() <= 1.001 / delta

@@ -1,0 +1,207 @@
+"""The LoRA-optimizer family on two controlled, ill-conditioned problems.
+
+* ``lora_regression``: ``min mean ‖X (A B) − X ΔW*‖²`` with anisotropic inputs
+  (feature scales 1 … 0.01) and a rank-2 target;
+* ``matrix_sensing``: ``min mean_k (⟨S_k, A B⟩ − ⟨S_k, ΔW*⟩)²`` with sensing
+  matrices ``S_k = D_m Z_k D_n`` (``Z_k`` Gaussian, ``D`` diagonal scales
+  1 … 0.1 on each side) and a rank-2 target.
+
+Both use a rank-4 LoRA initialised as ``nnx.LoRA`` does (``A`` random,
+``B = 0``). Every method gets the same warmup + cosine schedule, the same
+peak-lr grid and the same seeds. Reported, at each method's best lr (lowest
+median final loss): the final loss relative to the initial one, and the steps
+to reach ``--target`` of it::
+
+  python -m benchmarks.controlled                      # everything, CPU-sized
+  python -m benchmarks.controlled --problems matrix_sensing --optimizers adamw adaprelora
+
+Results go to ``--out``: ``controlled.json`` and ``controlled.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from benchmarks import family
+
+Loss = Callable[[dict], jax.Array]
+Problem = Callable[[int], tuple[dict, Loss]]
+
+GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+"""Peak learning rates, the same for every method (these problems are unit-scaled)."""
+
+
+def _lora_init(rng: np.random.Generator, m: int, n: int, rank: int) -> dict:
+  return {
+      "lora_a": jnp.asarray(rng.normal(size=(m, rank)) / np.sqrt(m), jnp.float32),
+      "lora_b": jnp.zeros((rank, n), jnp.float32),
+  }
+
+
+def lora_regression(
+    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 256
+) -> tuple[dict, Loss]:
+  """Initial LoRA params and the loss of one regression instance."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(samples, m)) * np.logspace(0, -2, m)
+  target = rng.normal(size=(m, 2)) @ rng.normal(size=(2, n))
+  params = _lora_init(rng, m, n, rank)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(x @ target, jnp.float32)
+  return params, lambda p: jnp.mean((x @ (p["lora_a"] @ p["lora_b"]) - y) ** 2)
+
+
+def matrix_sensing(
+    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 512
+) -> tuple[dict, Loss]:
+  """Initial LoRA params and the loss of one matrix-sensing instance."""
+  rng = np.random.default_rng(seed)
+  sensing = (
+      np.logspace(0, -1, m)[:, None]
+      * rng.normal(size=(samples, m, n))
+      * np.logspace(0, -1, n)[None, :]
+  )
+  target = rng.normal(size=(m, 2)) @ rng.normal(size=(2, n))
+  params = _lora_init(rng, m, n, rank)
+  sensing = jnp.asarray(sensing, jnp.float32)
+  y = jnp.einsum("kmn,mn->k", sensing, jnp.asarray(target, jnp.float32))
+  measure = lambda p: jnp.einsum("kmn,mn->k", sensing, p["lora_a"] @ p["lora_b"])
+  return params, lambda p: jnp.mean((measure(p) - y) ** 2)
+
+
+PROBLEMS: dict[str, Problem] = {
+    "lora_regression": lora_regression,
+    "matrix_sensing": matrix_sensing,
+}
+
+
+def train(tx: optax.GradientTransformation, params: dict, loss: Loss, steps: int) -> np.ndarray:
+  """The loss before each step and after the last one, in one jitted scan."""
+
+  def step(carry, _):
+    params, state = carry
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), value
+
+  (params, _), values = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
+  return np.append(np.asarray(values), float(loss(params)))
+
+
+def steps_to(relative: np.ndarray, target: float) -> int | None:
+  """The first step at which ``relative`` is below ``target``, or ``None``."""
+  hit = np.flatnonzero(relative < target)
+  return int(hit[0]) if hit.size else None
+
+
+def sweep(
+    problem: str, names: list[str], steps: int, seeds: int, target: float, progress: bool = True
+) -> dict:
+  """Per method and lr: relative loss curves and steps to ``target``, over ``seeds`` seeds."""
+  out = {}
+  jobs = [(name, lr) for name in names for lr in GRID]
+  for name, lr in tqdm(jobs, desc=problem, disable=not progress):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
+    curves = []
+    for seed in range(seeds):
+      params, loss = PROBLEMS[problem](seed)
+      curve = train(family.FAMILY[name](schedule, 0.0), params, loss, steps)
+      curves.append(curve / curve[0])
+    rel = np.stack(curves)
+    out.setdefault(name, {})[lr] = dict(
+        final=rel[:, -1].tolist(),
+        steps_to_target=[steps_to(r, target) for r in rel],
+        median_curve=np.median(rel, 0).tolist(),
+    )
+  return out
+
+
+def best_lr(by_lr: dict) -> float:
+  """The lr with the lowest median final loss (NaN counts as worst)."""
+  score = lambda lr: np.nan_to_num(np.median(by_lr[lr]["final"]), nan=np.inf)
+  return min(by_lr, key=score)
+
+
+def report(results: dict, steps: int, target: float) -> str:
+  """A markdown table per problem: each method at its best lr."""
+  lines = []
+  for problem, by_name in results.items():
+    lines += [
+        f"\n{problem}: final/initial loss (median [min, max] over seeds) and steps to {target:g}, "
+        f"best of {len(GRID)} peak lrs, {steps} steps",
+        "| optimizer | best lr | final / initial | steps to target (per seed) |",
+        "|---|---|---|---|",
+    ]
+    for name, by_lr in by_name.items():
+      lr = best_lr(by_lr)
+      final = np.asarray(by_lr[lr]["final"])
+      reach = ", ".join("-" if s is None else str(s) for s in by_lr[lr]["steps_to_target"])
+      lines.append(
+          f"| {name} | {lr:g} | {np.median(final):.1e} [{final.min():.1e}, {final.max():.1e}] "
+          f"| {reach} |"
+      )
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+  """Median relative loss vs step at each method's best lr, one panel per problem."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+  for ax, (problem, by_name) in zip(axes[0], results.items()):
+    for name, by_lr in by_name.items():
+      lr = best_lr(by_lr)
+      ax.semilogy(by_lr[lr]["median_curve"], label=f"{name} (lr {lr:g})")
+    ax.set_title(problem)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss / initial loss (median over seeds)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+  parser.add_argument("--optimizers", nargs="+", help=f"default: all of {list(family.FAMILY)}")
+  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--target", type=float, default=1e-3)
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/controlled"))
+  args = parser.parse_args(argv)
+  names = list(family.select(args.optimizers))
+  results = {p: sweep(p, names, args.steps, args.seeds, args.target) for p in args.problems}
+  print(report(results, args.steps, args.target))
+  args.out.mkdir(parents=True, exist_ok=True)
+  serialisable = {
+      p: {n: {str(lr): v for lr, v in d.items()} for n, d in r.items()} for p, r in results.items()
+  }
+  (args.out / "controlled.json").write_text(
+      json.dumps(
+          dict(
+              steps=args.steps,
+              seeds=args.seeds,
+              target=args.target,
+              grid=GRID,
+              results=serialisable,
+          )
+      )
+  )
+  plot(results, args.out / "controlled.png")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,51 @@
+"""The LoRA-optimizer family the benchmarks compare, with one tuning budget for all.
+
+Every benchmark builds its optimizers from :data:`FAMILY`: a factory taking
+the learning-rate schedule and the decoupled weight decay, so every method
+trains under the same schedule and decay and only the peak learning rate is
+swept. :data:`GRID` is that sweep, the same five points for every method, so
+no method gets more tuning than another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+from adaprelora_jax import adaprelora
+from adaprelora_jax.alias import with_decay_and_learning_rate
+from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw
+
+Factory = Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]
+
+FAMILY: dict[str, Factory] = {
+    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
+    # Optax's Adafactor direction (factored for dims >= 128, update clipping)
+    # with the same decoupled decay as the others; no relative step size, so
+    # that `lr` means what it means for them.
+    "adafactor": lambda lr, wd: with_decay_and_learning_rate(
+        optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)), lr, wd
+    ),
+    "lora_plus": lambda lr, wd: lora_plus(lr, weight_decay=wd),
+    "scaled_adamw": lambda lr, wd: scaled_adamw(lr, weight_decay=wd),
+    "lora_pro": lambda lr, wd: lora_pro(lr, variant="efficient", weight_decay=wd),
+    "lora_pro_full": lambda lr, wd: lora_pro(lr, variant="full", weight_decay=wd),
+    "lora_rite": lambda lr, wd: lora_rite(lr, weight_decay=wd),
+    "adaprelora": lambda lr, wd: adaprelora(lr, weight_decay=wd),
+    "adaprelora_b1": lambda lr, wd: adaprelora(lr, b1=0.9, weight_decay=wd),
+}
+"""Name -> ``factory(learning_rate, weight_decay)``."""
+
+GRID: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+"""The peak learning rates swept for every method."""
+
+
+def select(names: list[str] | None) -> dict[str, Factory]:
+  """The named subset of :data:`FAMILY` (all of it for ``None``), in the given order."""
+  if names is None:
+    return dict(FAMILY)
+  unknown = sorted(set(names) - set(FAMILY))
+  if unknown:
+    raise SystemExit(f"unknown optimizers {unknown}; choose from {sorted(FAMILY)}")
+  return {name: FAMILY[name] for name in names}
