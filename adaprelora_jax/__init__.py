@@ -1,6 +1,11 @@
 """AdaPreLoRA and its family of LoRA optimizers, for JAX and Optax."""
 
 from adaprelora_jax.alias import adaprelora
+from adaprelora_jax.flax_layers import (LoRADenseWithStats,
+                                        LoRALinearWithStats, WeightStatsVar)
+from adaprelora_jax.full_stats import (linear_with_weight_stats,
+                                       split_weight_stats, weight_stats_probe,
+                                       with_weight_stats)
 from adaprelora_jax.pairing import (LoRAPair, LoRAPairing, default_rule,
                                     lora_pairs)
 from adaprelora_jax.solve import (solve_factor_update, tangent_mean_squares,
@@ -9,10 +14,12 @@ from adaprelora_jax.transform import (PairState, ScaleByAdaPreLoRAState,
                                       WeightStats, scale_by_adaprelora)
 
 __all__ = [
-    "LoRAPair", "LoRAPairing", "PairState", "ScaleByAdaPreLoRAState",
-    "WeightStats", "adaprelora", "default_rule", "lora_pairs",
-    "scale_by_adaprelora", "solve_factor_update", "tangent_mean_squares",
-    "w_step_rms",
+    "LoRADenseWithStats", "LoRALinearWithStats", "LoRAPair", "LoRAPairing",
+    "PairState", "ScaleByAdaPreLoRAState", "WeightStats", "WeightStatsVar",
+    "adaprelora", "default_rule", "linear_with_weight_stats", "lora_pairs",
+    "scale_by_adaprelora", "solve_factor_update", "split_weight_stats",
+    "tangent_mean_squares", "w_step_rms", "weight_stats_probe",
+    "with_weight_stats",
 ]
 
 __version__ = "0.1.0"
