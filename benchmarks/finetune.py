@@ -42,6 +42,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from adaprelora_jax import adaprelora, scale_by_adaprelora
+from benchmarks.family import FAMILY
 from benchmarks.minilm import TRAINABLE, EncoderClassifier, load_minilm
 from benchmarks.wordnet import NOUN_LEXNAMES, Split, load_wordnet_nouns
 
@@ -66,10 +67,10 @@ def _lora_only(tx: optax.GradientTransformation) -> optax.GradientTransformation
 
 
 OPTIMIZERS: dict[str, Factory] = {
-    "adamw": lambda s: optax.adamw(s, weight_decay=WEIGHT_DECAY),
-    "adaprelora": lambda s: adaprelora(s, weight_decay=WEIGHT_DECAY),
-    # The library's momentum: a running mean of the W-gradient in the factors' frames.
-    "adaprelora_b1": lambda s: adaprelora(s, b1=0.9, weight_decay=WEIGHT_DECAY),
+    # The family (benchmarks/family.py): adamw, adafactor, lora_plus, scaled_adamw,
+    # lora_pro, lora_pro_full, lora_rite, adaprelora, and adaprelora_b1 (the
+    # library's momentum: a running mean of the W-gradient in the factors' frames).
+    **{name: (lambda s, make=make: make(s, WEIGHT_DECAY)) for name, make in FAMILY.items()},
     # Ablation: EMA of the factor directions AdaPreLoRA outputs.
     "adaprelora_ema_dir": lambda s: optax.chain(
         scale_by_adaprelora(),
