@@ -72,8 +72,11 @@ def _pair_dtype(leaves: list[Any], pair: LoRAPair) -> jnp.dtype:
 
 def _pair_state(slice_init: SliceInit, pair: LoRAPair, dtype) -> PyTree:
   per_slice = slice_init(pair.m, pair.n, pair.rank, dtype)
+  # A copy per leaf: a rule may return one zeros array for two buffers, and
+  # the same buffer twice in a state cannot be donated to a jitted step.
   return jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (*pair.batch_shape, *x.shape)), per_slice)
+      lambda x: jnp.array(jnp.broadcast_to(x, (*pair.batch_shape, *x.shape)), copy=True),
+      per_slice)
 
 
 def check_updates(name: str, pairing: LoRAPairing, updates: Any, params: Any) -> None:

@@ -103,11 +103,17 @@ def steps_to(relative: np.ndarray, target: float) -> int | None:
 
 
 def sweep(
-    problem: str, names: list[str], steps: int, seeds: int, target: float, progress: bool = True
+    problem: str,
+    names: list[str],
+    steps: int,
+    seeds: int,
+    target: float,
+    grid: tuple[float, ...] = GRID,
+    progress: bool = True,
 ) -> dict:
   """Per method and lr: relative loss curves and steps to ``target``, over ``seeds`` seeds."""
   out = {}
-  jobs = [(name, lr) for name in names for lr in GRID]
+  jobs = [(name, lr) for name in names for lr in grid]
   for name, lr in tqdm(jobs, desc=problem, disable=not progress):
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
     curves = []

@@ -46,12 +46,13 @@ SIZES = {
 DENSE_STATE = ("lora_pro_full",)  # m×n moments: left out of the scaling sweeps
 
 
-def lora_params(layers: int, rank: int, seed: int = 0) -> dict:
-  """LoRA factors of a 7B-like decoder, one pair per adapted matrix."""
+def lora_params(layers: int, rank: int, seed: int = 0, shrink: int = 1) -> dict:
+  """LoRA factors of a 7B-like decoder (each side divided by ``shrink``), one pair per matrix."""
   key = jax.random.PRNGKey(seed)
   params = {}
   for layer in range(layers):
     for name, (m, n) in SHAPES.items():
+      m, n = m // shrink, n // shrink
       key, ka, kb = jax.random.split(key, 3)
       params[f"layer_{layer}/{name}"] = {
           "lora_a": jax.random.normal(ka, (m, rank)) / np.sqrt(m),
@@ -77,10 +78,12 @@ def _peak_bytes() -> int | None:
   return None if stats is None else stats.get("peak_bytes_in_use")
 
 
-def measure(names: list[str], layers: int, rank: int, repeats: int, progress: bool = True) -> dict:
+def measure(
+    names: list[str], layers: int, rank: int, repeats: int, shrink: int = 1, progress: bool = True
+) -> dict:
   """Per optimizer: median update ms, state bytes, compile s, and the ratios to adamw."""
   names = ["adamw"] + [n for n in names if n != "adamw"]
-  params = lora_params(layers, rank)
+  params = lora_params(layers, rank, shrink=shrink)
   grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
   runs = {}
   for name in names:
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--ranks", type=int, nargs="*", help="ranks of the rank sweep (1 layer)")
   parser.add_argument("--layer-counts", type=int, nargs="*", help="layer counts of the layer sweep")
   parser.add_argument("--no-scaling", action="store_true", help="only the main table")
+  parser.add_argument("--shrink", type=int, default=1, help="divide every matrix side by this (smoke tests)")
   parser.add_argument(
       "--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/update_cost")
   )
@@ -190,16 +194,16 @@ def main(argv: list[str] | None = None) -> dict:
   device = jax.devices()[0].device_kind
 
   result = dict(device=device, layers=layers, rank=args.rank, repeats=repeats)
-  result["main"] = measure(names, layers, args.rank, repeats)
+  result["main"] = measure(names, layers, args.rank, repeats, args.shrink)
   print(
       f"\n{layers} layers x 7 LoRA pairs, r={args.rank}, device={device}\n{table(result['main'])}"
   )
   if not args.no_scaling:
     ranks = size["ranks"] if args.ranks is None else args.ranks
     counts = size["layer_counts"] if args.layer_counts is None else args.layer_counts
-    result["by_rank"] = {r: measure(scaled, 1, r, repeats) for r in tqdm(ranks, desc="rank sweep")}
+    result["by_rank"] = {r: measure(scaled, 1, r, repeats, args.shrink) for r in tqdm(ranks, desc="rank sweep")}
     result["by_layers"] = {
-        n: measure(scaled, n, args.rank, repeats) for n in tqdm(counts, desc="layer sweep")
+        n: measure(scaled, n, args.rank, repeats, args.shrink) for n in tqdm(counts, desc="layer sweep")
     }
     for key in ("by_rank", "by_layers"):
       print(f"\ntime / adamw, {key}")

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from adaprelora_jax import WeightStats, adaprelora, scale_by_adaprelora
+from adaprelora_jax import WeightStats, adaprelora, baselines, scale_by_adaprelora
 
 
 def _params(seed=0, zero_b=False):
@@ -189,3 +189,19 @@ def test_nnx_optimizer_trains_lora_params_only():
   assert losses[-1] < 0.8 * losses[0]
   np.testing.assert_array_equal(model.fc.kernel[...], kernel)
   assert set(opt.opt_state[0].pairs) == {"fc/lora", "out/lora"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: adaprelora(1e-2, b1=0.9), lambda: baselines.lora_plus(1e-2),
+    lambda: baselines.scaled_adamw(1e-2), lambda: baselines.lora_pro(1e-2),
+    lambda: baselines.lora_pro(1e-2, variant="full"), lambda: baselines.lora_rite(1e-2)])
+def test_state_can_be_donated(make):
+  """No buffer appears twice in the state (a rule may reuse one zeros array)."""
+  params, tx = _params(), make()
+  state = tx.init(params)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(pointers) == len(set(pointers))
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+  for seed in (1, 2):
+    _, state = step(params, state, _grads(params, seed))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))

@@ -1,0 +1,45 @@
+"""Tiny-settings runs of the benchmarks, so a broken benchmark fails CI."""
+
+import json
+
+import numpy as np
+
+from benchmarks import controlled, family, update_cost
+
+
+def test_controlled_problems_run_every_optimizer(tmp_path):
+  results = {
+      p: controlled.sweep(p, list(family.FAMILY), steps=8, seeds=1, target=1e-3, grid=(0.03,),
+                          progress=False)
+      for p in controlled.PROBLEMS
+  }
+  for by_name in results.values():
+    assert set(by_name) == set(family.FAMILY)
+    for name, by_lr in by_name.items():
+      final = by_lr[0.03]["final"][0]
+      assert np.isfinite(final) and final < 1.0, (name, final)  # every method makes progress
+  assert "| adaprelora |" in controlled.report(results, 8, 1e-3)
+  controlled.plot(results, tmp_path / "controlled.png")
+  assert (tmp_path / "controlled.png").stat().st_size > 0
+
+
+def test_controlled_problems_are_ill_conditioned_low_rank_targets():
+  for problem in controlled.PROBLEMS.values():
+    params, loss = problem(0)
+    assert np.all(np.asarray(params["lora_b"]) == 0)  # nnx.LoRA init
+    assert float(loss(params)) > 0
+
+
+def test_update_cost_runs_and_measures_state_ratios(tmp_path):
+  result = update_cost.main(["--shrink", "64", "--repeats", "1", "--ranks", "4",
+                             "--layer-counts", "1", "--out", str(tmp_path)])
+  main = result["main"]
+  assert set(main) == set(family.FAMILY)
+  assert main["adamw"]["time_ratio"] == 1.0 and main["adamw"]["state_ratio"] == 1.0
+  # Factored second moments + one momentum buffer: (m + n)(r + 1) vs Adam's 2 (m + n) r.
+  assert main["adaprelora_b1"]["state_ratio"] < 0.55
+  assert main["adaprelora"]["state_ratio"] < 0.05
+  # m × n moments: about mn / ((m + n) r) = 2 to 3 times Adam's at 64 × 64 to 64 × 224, r = 16.
+  assert main["lora_pro_full"]["state_ratio"] > 2
+  saved = json.loads((tmp_path / "update_cost.json").read_text())
+  assert set(saved["by_rank"]["4"]) == set(family.FAMILY) - set(update_cost.DENSE_STATE)
