@@ -125,19 +125,8 @@ def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
           jnp.maximum(cols, 0.0) / a.shape[0])
 
 
-class Solve(NamedTuple):
-  """The factor directions ``dA = D_A @ coef_a``, ``dB = coef_b @ D_B``."""
-
-  delta_a: Array
-  delta_b: Array
-  stack_a: Array  # D_A = [E_A / ℓ, A]
-  stack_b: Array  # D_B = [E_B / ρ; B]
-  coef_a: Array
-  coef_b: Array
-
-
 def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
-          damping) -> Solve:
+          damping) -> tuple[Array, Array]:
   """SPEC §3 for one slice with factor gradients ``E_A map_a`` and ``map_b E_B``.
 
   ``dA = s⁻² [g_A/ℓ − ½ A P⁻¹K] Q⁻¹`` and
@@ -147,6 +136,9 @@ def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
 
   Args:
     a_eff_a: ``Aᵀ E_A``.
+
+  Returns:
+    ``(dA, dB)``.
   """
   inv_p = damped_inverse((a * row[:, None]).T @ a, damping)
   inv_q = damped_inverse((b * col[None, :]) @ b.T, damping)
@@ -156,27 +148,25 @@ def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
   coef_b = jnp.concatenate([inv_s2 * inv_p @ map_b, cross], axis=1)
   stack_a = jnp.concatenate([eff_a / row[:, None], a], axis=1)
   stack_b = jnp.concatenate([eff_b / col[None, :], b], axis=0)
-  return Solve(stack_a @ coef_a, coef_b @ stack_b, stack_a, stack_b, coef_a,
-               coef_b)
+  return stack_a @ coef_a, coef_b @ stack_b
 
 
-def w_step_rms(sol: Solve, gram_a: Array, gram_b: Array, scale) -> Array:
-  """RMS of the first-order W-step ``s (dA B + A dB)``, from Grams only.
+def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array,
+               gram_a: Array, gram_b: Array, scale) -> Array:
+  """RMS of the first-order W-step ``s (dA B + A dB)`` of one slice, from Grams.
 
   ``‖dA B + A dB‖² = tr(dAᵀdA BBᵀ) + tr(AᵀA dB dBᵀ) + 2 tr(dAᵀA dB Bᵀ)``,
-  with ``dAᵀdA`` and ``dAᵀA`` read off the Gram of ``D_A`` (whose second
-  block is ``A``), and likewise for ``B``.
+  with ``dAᵀ[dA, A]`` and ``dB [dB; B]ᵀ`` one ``r × 2r`` product each.
+
+  Args:
+    gram_a, gram_b: ``AᵀA`` and ``BBᵀ``.
   """
   r = gram_a.shape[0]
-  gram_da = sol.stack_a.T @ sol.stack_a
-  gram_db = sol.stack_b @ sol.stack_b.T
-  da_da = sol.coef_a.T @ gram_da @ sol.coef_a
-  db_db = sol.coef_b @ gram_db @ sol.coef_b.T
-  da_a = sol.coef_a.T @ gram_da[:, r:]
-  db_b = sol.coef_b @ gram_db[:, r:]
-  sq = (jnp.sum(da_da * gram_b) + jnp.sum(gram_a * db_db)
-        + 2.0 * jnp.sum(da_a * db_b.T))
-  m, n = sol.stack_a.shape[0], sol.stack_b.shape[1]
+  da_stats = delta_a.T @ jnp.concatenate([delta_a, a], axis=1)
+  db_stats = delta_b @ jnp.concatenate([delta_b, b], axis=0).T
+  sq = (jnp.sum(da_stats[:, :r] * gram_b) + jnp.sum(gram_a * db_stats[:, :r])
+        + 2.0 * jnp.sum(da_stats[:, r:] * db_stats[:, r:].T))
+  m, n = a.shape[0], b.shape[1]
   # A norm that overflowed (inf − inf) reads as infinite, so clipping drops it.
   sq = jnp.where(jnp.isnan(sq), jnp.inf, jnp.maximum(sq, 0.0))
   return scale * jnp.sqrt(sq / (m * n))

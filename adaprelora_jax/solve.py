@@ -22,9 +22,8 @@ Array = jax.Array
 def solve_2d(a, b, grad_a, grad_b, row, col, *, scale, damping):
   """SPEC §3 for one slice: ``a (m,r)``, ``b (r,n)``, ``row (m,)``, ``col (n,)``."""
   eye = jnp.eye(a.shape[1], dtype=a.dtype)
-  sol = gram.solve(a, b, grad_a, eye, grad_b, eye, a.T @ grad_a, row, col,
-                   scale=scale, damping=damping)
-  return sol.delta_a, sol.delta_b
+  return gram.solve(a, b, grad_a, eye, grad_b, eye, a.T @ grad_a, row, col,
+                    scale=scale, damping=damping)
 
 
 def solve_factor_update(
@@ -118,13 +117,6 @@ def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
                scale: float | Array = 1.0) -> Array:
   """RMS of the first-order W-step ``s (dA B + A dB)``, per batch slice."""
   def one(a, b, delta_a, delta_b):
-    r = a.shape[1]
-    eye = jnp.eye(r, dtype=a.dtype)
-    zero = jnp.zeros((r, r), a.dtype)
-    sol = gram.Solve(delta_a, delta_b, jnp.concatenate([delta_a, a], 1),
-                     jnp.concatenate([delta_b, b], 0),
-                     jnp.concatenate([eye, zero], 0),
-                     jnp.concatenate([eye, zero], 1))
-    return gram.w_step_rms(sol, a.T @ a, b @ b.T, scale)
+    return gram.w_step_rms(a, b, delta_a, delta_b, a.T @ a, b @ b.T, scale)
   return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->()")(
       a, b, delta_a, delta_b)

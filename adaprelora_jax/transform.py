@@ -192,11 +192,10 @@ def scale_by_adaprelora(
           mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, block(gram_m, 0, 2),
           b1, count)
       map_a, map_b = lora_scale * fr.root_b.T, lora_scale * fr.root_a
-    sol = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col,
-                     scale=lora_scale, damping=damping)
-    delta_a, delta_b = sol.delta_a, sol.delta_b
+    delta_a, delta_b = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a,
+                                  row, col, scale=lora_scale, damping=damping)
     if clipping_threshold is not None:
-      rms = gram.w_step_rms(sol, gram_a, gram_b, lora_scale)
+      rms = gram.w_step_rms(a, b, delta_a, delta_b, gram_a, gram_b, lora_scale)
       shrink = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
       delta_a, delta_b = delta_a * shrink, delta_b * shrink
     return delta_a, delta_b, PairState(v_row, v_col, mu_y, mu_x)
