@@ -5,8 +5,10 @@ An optimizer of this family is a rule for one *slice*, a matrix pair
 this module, which turns the rule into an Optax transformation:
 
 * :func:`~adaprelora_jax.pairing.lora_pairs` finds the pairs;
-* each pair's factors are read as matrices (N-D factors flattened) and its
-  leading batch axes (stacked layers, experts) are solved with one ``vmap``;
+* each pair's factors are read as matrices (N-D factors flattened); its
+  leading batch axes (stacked layers, experts), and the same projection in
+  every unscanned layer (pair keys equal up to layer numbers), are solved
+  with one ``vmap``, so the traced program does not grow with depth;
 * the rule computes in float32, or wider if the factors are;
 * every other leaf goes to a fallback transformation;
 * the update checks the tree and the state and names the offending leaves.
@@ -17,7 +19,10 @@ in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes.
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -120,28 +125,54 @@ def check_state(name: str, slice_init: SliceInit, pairing: LoRAPairing,
             f"{pair.a_matrix_shape} and B {pair.b_path} {pair.b_matrix_shape}.")
 
 
-def _solve_pair(slice_update: SliceUpdate, pair: LoRAPair, a, b, grad_a, grad_b,
-                state, extra, count):
-  """Runs ``slice_update`` on every batch slice of one pair with a single vmap."""
-  dtype = compute_dtype(a.dtype, b.dtype, grad_a.dtype, grad_b.dtype)
-  slices = math.prod(pair.batch_shape)
-  batch = len(pair.batch_shape)
-  flat = lambda x: x.astype(dtype).reshape(slices, *x.shape[batch:])
-  m, n, r = pair.m, pair.n, pair.rank
-  factors = (a.astype(dtype).reshape(slices, m, r), b.astype(dtype).reshape(slices, r, n),
-             grad_a.astype(dtype).reshape(slices, m, r),
-             grad_b.astype(dtype).reshape(slices, r, n))
-  state, extra = jax.tree.map(flat, state), jax.tree.map(flat, extra)
-  if slices == 1:  # batched matrix products are slower on CPU; avoid vmap
+_LAYER_INDEX = re.compile(r"\d+")
+
+
+def _group_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tuple:
+  """Pairs solved by one ``vmap``: one role (``layers/3/q`` and ``layers/7/q``), one shape.
+
+  Grouping the same projection of every layer makes an unscanned model trace
+  as many solves as a scanned one, so compile time stops growing with depth.
+  Those pairs are usually sharded alike, so joining them moves no data.
+  """
+  return (_LAYER_INDEX.sub("#", pair.key), pair.m, pair.n, pair.rank,
+          tuple(x.dtype for x in factors), jax.tree.structure(extra))
+
+
+def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
+                 factors: list[tuple[Array, Array, Array, Array]],
+                 states: list[PyTree], extras: list[PyTree], count: Array
+                 ) -> list[tuple[Array, Array, PyTree]]:
+  """Runs ``slice_update`` on every batch slice of same-shaped pairs with a single vmap.
+
+  Each pair's batch axes are flattened and the pairs joined along them;
+  ``(delta_a, delta_b, state)`` come back per pair with its batch axes.
+  """
+  dtype = compute_dtype(*(x.dtype for x in factors[0]))
+  m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
+  slice_shapes = ((m, r), (r, n), (m, r), (r, n))
+  joined = [jnp.concatenate([f[k].astype(dtype).reshape(-1, *slice_shapes[k]) for f in factors])
+            for k in range(4)]
+
+  def join(trees: list[PyTree]) -> PyTree:
+    flat = [jax.tree.map(lambda x, batch=len(pair.batch_shape):
+                         x.astype(dtype).reshape(-1, *x.shape[batch:]), tree)
+            for tree, pair in zip(trees, pairs)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *flat)
+
+  state, extra = join(states), join(extras)
+  if joined[0].shape[0] == 1:  # batched matrix products are slower on CPU; avoid vmap
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     out = jax.tree.map(lambda x: x[None], slice_update(
-        *first(factors), first(state), first(extra), count))
+        *first(joined), first(state), first(extra), count))
   else:
-    out = jax.vmap(slice_update, in_axes=(0,) * 6 + (None,))(
-        *factors, state, extra, count)
-  delta_a, delta_b, new_state = out
-  unflat = lambda x: x.reshape(*pair.batch_shape, *x.shape[1:])
-  return delta_a, delta_b, jax.tree.map(unflat, new_state)
+    out = jax.vmap(slice_update, in_axes=(0,) * 6 + (None,))(*joined, state, extra, count)
+  sizes = [math.prod(pair.batch_shape) for pair in pairs]
+  return [
+      jax.tree.map(lambda x, start=start, size=size, batch=pair.batch_shape:
+                   x[start:start + size].reshape(*batch, *x.shape[1:]), out)
+      for pair, size, start in zip(pairs, sizes, itertools.accumulate([0, *sizes]))
+  ]
 
 
 def pairwise_transformation(
@@ -197,16 +228,21 @@ def pairwise_transformation(
     new_leaves, treedef = jax.tree_util.tree_flatten(fallback_updates)
     grad_leaves = jax.tree_util.tree_leaves(updates)
     param_leaves = jax.tree_util.tree_leaves(params)
-    new_pairs = {}
+    groups = defaultdict(list)
     for pair in pairs.pairs:
-      delta_a, delta_b, new_pairs[pair.key] = _solve_pair(
-          slice_update, pair, param_leaves[pair.a_index],
-          param_leaves[pair.b_index], grad_leaves[pair.a_index],
-          grad_leaves[pair.b_index], state.pairs[pair.key],
-          extras.get(pair.key), state.count)
-      for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
-        new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(
-            grad_leaves[index].dtype)
+      factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
+                      for i in (pair.a_index, pair.b_index))
+      groups[_group_key(pair, factors, extras.get(pair.key))].append((pair, factors))
+    new_pairs = {}
+    for members in groups.values():
+      group = [pair for pair, _ in members]
+      solved = _solve_group(slice_update, group, [factors for _, factors in members],
+                            [state.pairs[pair.key] for pair in group],
+                            [extras.get(pair.key) for pair in group], state.count)
+      for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
+        for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
+          new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(
+              grad_leaves[index].dtype)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), state_type(
         count=optax.safe_increment(state.count), pairs=new_pairs,
         fallback=new_fallback)

@@ -14,9 +14,11 @@ from adaprelora_jax import WeightStats, adaprelora, baselines, scale_by_adaprelo
 
 def _params(seed=0, zero_b=False):
   rng = np.random.default_rng(seed)
-  p = {"q": {"lora_a": rng.normal(size=(12, 3)), "lora_b": rng.normal(size=(3, 10))},
-       "v": {"lora_a": rng.normal(size=(12, 2)), "lora_b": rng.normal(size=(2, 8))},
-       "head": {"bias": rng.normal(size=(10,))}}
+  p = {
+      "q": {"lora_a": rng.normal(size=(12, 3)), "lora_b": rng.normal(size=(3, 10))},
+      "v": {"lora_a": rng.normal(size=(12, 2)), "lora_b": rng.normal(size=(2, 8))},
+      "head": {"bias": rng.normal(size=(10,))},
+  }
   if zero_b:
     p["q"]["lora_b"] = 0 * p["q"]["lora_b"]
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
@@ -92,8 +94,11 @@ def test_apply_if_finite_leaves_state_untouched(bad):
 
 def test_masked_pair_passes_through():
   params = _params()
-  mask = {"q": {"lora_a": True, "lora_b": True},
-          "v": {"lora_a": False, "lora_b": False}, "head": {"bias": False}}
+  mask = {
+      "q": {"lora_a": True, "lora_b": True},
+      "v": {"lora_a": False, "lora_b": False},
+      "head": {"bias": False},
+  }
   tx = optax.masked(adaprelora(1e-2), mask)
   grads = _grads(params, 1)
   got, _ = tx.update(grads, tx.init(params), params)
@@ -109,7 +114,8 @@ def test_jit_with_donated_state_and_eval_shape_init():
   abstract = jax.eval_shape(tx.init, params)
   concrete = tx.init(params)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), concrete)
+      lambda x: (x.shape, x.dtype), concrete
+  )
 
   @jax.jit
   def reference(params, state, grads):
@@ -130,8 +136,12 @@ def test_bad_grads_raise_before_donated_state_is_consumed():
   step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
   bad = _grads(params, 1)
   bad["v"]["lora_b"] = jnp.zeros((2, 9))
-  with pytest.raises(ValueError, match=re.escape(
-      "update at ['v']['lora_b'] has shape (2, 9), but the parameter has shape (2, 8)")):
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          "update at ['v']['lora_b'] has shape (2, 9), but the parameter has shape (2, 8)"
+      ),
+  ):
     step(bad, state, params)
   _assert_trees_close(state, before, atol=0)  # still alive and unchanged
   step(_grads(params, 1), state, params)
@@ -152,18 +162,22 @@ def test_error_messages():
   with pytest.raises(ValueError, match=r"missing: \['q', 'v'\]"):
     full.update(_grads(params, 1), full.init(params), params)
   stats = {"q": WeightStats(jnp.ones(12), jnp.ones(11))}
-  with pytest.raises(ValueError, match=re.escape(
-      "weight_stats['q'].col has shape (11,); expected (10,) for A q/lora_a")):
+  with pytest.raises(
+      ValueError,
+      match=re.escape("weight_stats['q'].col has shape (11,); expected (10,) for A q/lora_a"),
+  ):
     tx.update(_grads(params, 1), state, params, weight_stats=stats)
   with pytest.raises(ValueError, match=r"unknown pair keys \['x'\]"):
-    tx.update(_grads(params, 1), state, params,
-              weight_stats={"x": WeightStats(jnp.ones(1), jnp.ones(1))})
+    tx.update(
+        _grads(params, 1), state, params, weight_stats={"x": WeightStats(jnp.ones(1), jnp.ones(1))}
+    )
   with pytest.raises(ValueError, match="statistics must be"):
     adaprelora(1e-2, statistics="exact")
 
 
 def test_nnx_optimizer_trains_lora_params_only():
   class Model(nnx.Module):
+
     def __init__(self, rngs):
       self.fc = nnx.LoRALinear(16, 8, lora_rank=4, rngs=rngs)
       self.out = nnx.LoRALinear(8, 4, lora_rank=2, rngs=rngs)
@@ -191,10 +205,17 @@ def test_nnx_optimizer_trains_lora_params_only():
   assert set(opt.opt_state[0].pairs) == {"fc/lora", "out/lora"}
 
 
-@pytest.mark.parametrize("make", [
-    lambda: adaprelora(1e-2, b1=0.9), lambda: baselines.lora_plus(1e-2),
-    lambda: baselines.scaled_adamw(1e-2), lambda: baselines.lora_pro(1e-2),
-    lambda: baselines.lora_pro(1e-2, variant="full"), lambda: baselines.lora_rite(1e-2)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adaprelora(1e-2, b1=0.9),
+        lambda: baselines.lora_plus(1e-2),
+        lambda: baselines.scaled_adamw(1e-2),
+        lambda: baselines.lora_pro(1e-2),
+        lambda: baselines.lora_pro(1e-2, variant="full"),
+        lambda: baselines.lora_rite(1e-2),
+    ],
+)
 def test_state_can_be_donated(make):
   """No buffer appears twice in the state (a rule may reuse one zeros array)."""
   params, tx = _params(), make()
@@ -205,3 +226,70 @@ def test_state_can_be_donated(make):
   for seed in (1, 2):
     _, state = step(params, state, _grads(params, seed))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
+def _layered_params(layers, seed=0):
+  """An unscanned stack: ``layers`` copies of the q (12 x 10) and mlp (12 x 6) pairs, plus a
+  stacked pair with q's shape (it carries a batch axis, so it joins q's group)."""
+  rng = np.random.default_rng(seed)
+  pair = lambda *batch, m, n: {
+      "lora_a": rng.normal(size=(*batch, m, 3)),
+      "lora_b": rng.normal(size=(*batch, 3, n)),
+  }
+  p = {
+      "layers": {str(i): {"q": pair(m=12, n=10), "mlp": pair(m=12, n=6)} for i in range(layers)},
+      "stacked": {"q": pair(2, m=12, n=10)},
+  }
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adaprelora(1e-2, b1=0.9),
+        lambda: baselines.scaled_adamw(1e-2),
+        lambda: baselines.lora_pro(1e-2),
+        lambda: baselines.lora_rite(1e-2),
+    ],
+)
+def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make):
+  tx, params = make(), _layered_params(3)
+  together, state = _run(tx, params, [1, 2, 3])
+  for key, (a, b) in {"layers/1/q": ("layers", "1"), "layers/2/mlp": ("layers", "2")}.items():
+    role = key.split("/")[-1]
+    alone = {"p": {role: params[a][b][role]}}
+    grads = [{"p": {role: _grads(params, s)[a][b][role]}} for s in (1, 2, 3)]
+    alone_state = tx.init(alone)
+    for g in grads:
+      updates, alone_state = tx.update(g, alone_state, alone)
+      alone = optax.apply_updates(alone, updates)
+    _assert_trees_close(alone["p"][role], together[a][b][role], rtol=1e-5, atol=1e-6)
+    _assert_trees_close(
+        alone_state[0].pairs["p/" + role], state[0].pairs[key], rtol=1e-5, atol=1e-6
+    )
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += _count_primitive(sub, name)
+  return count
+
+
+def test_traced_solves_do_not_grow_with_unscanned_depth():
+  """Compile time follows the traced program: one solve per role and shape, whatever the depth."""
+  tx = adaprelora(1e-2)
+
+  def eighs(layers):
+    params = _layered_params(layers)
+    step = lambda p, s, g: tx.update(g, s, p)
+    return _count_primitive(jax.make_jaxpr(step)(params, tx.init(params), params).jaxpr, "eigh")
+
+  assert eighs(1) > 0
+  assert eighs(8) == eighs(1)
