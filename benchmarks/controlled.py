@@ -24,6 +24,7 @@ import argparse
 import json
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from adaprelora_jax import WeightStats
 from benchmarks import family
 
-Loss = Callable[[dict], jax.Array]
-Problem = Callable[[int], tuple[dict, Loss]]
+WLoss = Callable[[jax.Array], jax.Array]
+"""A problem's loss as a function of the adapter's product ``ΔW = A B``."""
+Problem = Callable[[int], tuple[dict, WLoss]]
 
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 """Peak learning rates, the same for every method (these problems are unit-scaled)."""
@@ -49,20 +52,20 @@ def _lora_init(rng: np.random.Generator, m: int, n: int, rank: int) -> dict:
 
 def lora_regression(
     seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 256
-) -> tuple[dict, Loss]:
-  """Initial LoRA params and the loss of one regression instance."""
+) -> tuple[dict, WLoss]:
+  """Initial LoRA params and the loss (of ``ΔW``) of one regression instance."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(samples, m)) * np.logspace(0, -2, m)
   target = rng.normal(size=(m, 2)) @ rng.normal(size=(2, n))
   params = _lora_init(rng, m, n, rank)
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(x @ target, jnp.float32)
-  return params, lambda p: jnp.mean((x @ (p["lora_a"] @ p["lora_b"]) - y) ** 2)
+  return params, lambda w: jnp.mean((x @ w - y) ** 2)
 
 
 def matrix_sensing(
     seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 512
-) -> tuple[dict, Loss]:
-  """Initial LoRA params and the loss of one matrix-sensing instance."""
+) -> tuple[dict, WLoss]:
+  """Initial LoRA params and the loss (of ``ΔW``) of one matrix-sensing instance."""
   rng = np.random.default_rng(seed)
   sensing = (
       np.logspace(0, -1, m)[:, None]
@@ -73,8 +76,7 @@ def matrix_sensing(
   params = _lora_init(rng, m, n, rank)
   sensing = jnp.asarray(sensing, jnp.float32)
   y = jnp.einsum("kmn,mn->k", sensing, jnp.asarray(target, jnp.float32))
-  measure = lambda p: jnp.einsum("kmn,mn->k", sensing, p["lora_a"] @ p["lora_b"])
-  return params, lambda p: jnp.mean((measure(p) - y) ** 2)
+  return params, lambda w: jnp.mean((jnp.einsum("kmn,mn->k", sensing, w) - y) ** 2)
 
 
 PROBLEMS: dict[str, Problem] = {
@@ -83,13 +85,32 @@ PROBLEMS: dict[str, Problem] = {
 }
 
 
-def train(tx: optax.GradientTransformation, params: dict, loss: Loss, steps: int) -> np.ndarray:
-  """The loss before each step and after the last one, in one jitted scan."""
+def train(
+    tx: optax.GradientTransformation,
+    params: dict,
+    w_loss: WLoss,
+    steps: int,
+    *,
+    offset: jax.Array | float = 0.0,
+    weight_stats: bool = False,
+) -> np.ndarray:
+  """The loss before each step and after the last one, in one jitted scan.
+
+  The adapter's product is ``ΔW = A B − offset`` (a base weight that absorbs a
+  nonzero initial product). With ``weight_stats``, every update also gets the
+  exact mean squares of the W-gradient (SPEC §4 ``full``) for the root pair.
+  """
+  delta = lambda p: p["lora_a"] @ p["lora_b"] - offset
+  loss = lambda p: w_loss(delta(p))
 
   def step(carry, _):
     params, state = carry
     value, grads = jax.value_and_grad(loss)(params)
-    updates, state = tx.update(grads, state, params)
+    extra = {}
+    if weight_stats:
+      g2 = jax.grad(w_loss)(delta(params)) ** 2
+      extra["weight_stats"] = {"": WeightStats(jnp.mean(g2, 1), jnp.mean(g2, 0))}
+    updates, state = tx.update(grads, state, params, **extra)
     return (optax.apply_updates(params, updates), state), value
 
   (params, _), values = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
@@ -102,6 +123,30 @@ def steps_to(relative: np.ndarray, target: float) -> int | None:
   return int(hit[0]) if hit.size else None
 
 
+def lr_sweep(
+    run_seed: Callable[[optax.Schedule, int], np.ndarray],
+    steps: int,
+    seeds: int,
+    target: float,
+    grid: tuple[float, ...] = GRID,
+) -> dict[float, dict]:
+  """Per peak lr: relative final losses, steps to ``target`` and the median curve over seeds.
+
+  ``run_seed(schedule, seed)`` trains one instance and returns its loss curve
+  (see :func:`train`); the schedule is warmup + cosine to the peak lr.
+  """
+  out = {}
+  for lr in grid:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
+    rel = np.stack([curve / curve[0] for curve in (run_seed(schedule, s) for s in range(seeds))])
+    out[lr] = dict(
+        final=rel[:, -1].tolist(),
+        steps_to_target=[steps_to(r, target) for r in rel],
+        median_curve=np.median(rel, 0).tolist(),
+    )
+  return out
+
+
 def sweep(
     problem: str,
     names: list[str],
@@ -111,23 +156,19 @@ def sweep(
     grid: tuple[float, ...] = GRID,
     progress: bool = True,
 ) -> dict:
-  """Per method and lr: relative loss curves and steps to ``target``, over ``seeds`` seeds."""
-  out = {}
-  jobs = [(name, lr) for name in names for lr in grid]
-  for name, lr in tqdm(jobs, desc=problem, disable=not progress):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
-    curves = []
-    for seed in range(seeds):
-      params, loss = PROBLEMS[problem](seed)
-      curve = train(family.FAMILY[name](schedule, 0.0), params, loss, steps)
-      curves.append(curve / curve[0])
-    rel = np.stack(curves)
-    out.setdefault(name, {})[lr] = dict(
-        final=rel[:, -1].tolist(),
-        steps_to_target=[steps_to(r, target) for r in rel],
-        median_curve=np.median(rel, 0).tolist(),
-    )
-  return out
+  """:func:`lr_sweep` of every named family member on ``problem``."""
+
+  def runner(name: str) -> Callable[[optax.Schedule, int], np.ndarray]:
+    def run_seed(schedule: optax.Schedule, seed: int) -> np.ndarray:
+      params, w_loss = PROBLEMS[problem](seed)
+      return train(family.FAMILY[name](schedule, 0.0), params, w_loss, steps)
+
+    return run_seed
+
+  return {
+      name: lr_sweep(runner(name), steps, seeds, target, grid)
+      for name in tqdm(names, desc=problem, disable=not progress)
+  }
 
 
 def best_lr(by_lr: dict) -> float:
@@ -178,6 +219,15 @@ def plot(results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def write_json(results: dict, path: pathlib.Path, **meta: Any) -> None:
+  """``results`` (lr keys as strings) and ``meta`` as one JSON file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  serialisable = {
+      p: {n: {str(lr): v for lr, v in d.items()} for n, d in r.items()} for p, r in results.items()
+  }
+  path.write_text(json.dumps(dict(**meta, results=serialisable)))
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
@@ -190,20 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
   names = list(family.select(args.optimizers))
   results = {p: sweep(p, names, args.steps, args.seeds, args.target) for p in args.problems}
   print(report(results, args.steps, args.target))
-  args.out.mkdir(parents=True, exist_ok=True)
-  serialisable = {
-      p: {n: {str(lr): v for lr, v in d.items()} for n, d in r.items()} for p, r in results.items()
-  }
-  (args.out / "controlled.json").write_text(
-      json.dumps(
-          dict(
-              steps=args.steps,
-              seeds=args.seeds,
-              target=args.target,
-              grid=GRID,
-              results=serialisable,
-          )
-      )
+  write_json(
+      results,
+      args.out / "controlled.json",
+      steps=args.steps,
+      seeds=args.seeds,
+      target=args.target,
+      grid=GRID,
   )
   plot(results, args.out / "controlled.png")
   return results

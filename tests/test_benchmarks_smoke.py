@@ -9,14 +9,16 @@ from benchmarks import controlled, family, update_cost
 
 def test_controlled_problems_run_every_optimizer(tmp_path):
   results = {
-      p: controlled.sweep(p, list(family.FAMILY), steps=8, seeds=1, target=1e-3, grid=(0.03,),
+      # The grid's smallest lr: at 0.03 and above LoRA-RITE first overshoots from B = 0 (the
+      # loss doubles by step 3 on seed 0, 48x at 0.1) before it converges.
+      p: controlled.sweep(p, list(family.FAMILY), steps=8, seeds=1, target=1e-3, grid=(0.01,),
                           progress=False)
       for p in controlled.PROBLEMS
   }
   for by_name in results.values():
     assert set(by_name) == set(family.FAMILY)
     for name, by_lr in by_name.items():
-      final = by_lr[0.03]["final"][0]
+      final = by_lr[0.01]["final"][0]
       assert np.isfinite(final) and final < 1.0, (name, final)  # every method makes progress
   assert "| adaprelora |" in controlled.report(results, 8, 1e-3)
   controlled.plot(results, tmp_path / "controlled.png")
@@ -25,9 +27,9 @@ def test_controlled_problems_run_every_optimizer(tmp_path):
 
 def test_controlled_problems_are_ill_conditioned_low_rank_targets():
   for problem in controlled.PROBLEMS.values():
-    params, loss = problem(0)
+    params, w_loss = problem(0)
     assert np.all(np.asarray(params["lora_b"]) == 0)  # nnx.LoRA init
-    assert float(loss(params)) > 0
+    assert float(w_loss(params["lora_a"] @ params["lora_b"])) > 0
 
 
 def test_update_cost_runs_and_measures_state_ratios(tmp_path):

@@ -1,0 +1,60 @@
+"""The ablation benchmark changes one thing per variant, and starts every variant from the same W."""
+
+import json
+
+import jax
+import numpy as np
+
+from adaprelora_jax import WeightStats
+from benchmarks import ablations, controlled
+
+
+def test_balanced_init_starts_from_the_same_product_as_zero_b():
+  params, w_loss = controlled.PROBLEMS["lora_regression"](0)
+  balanced, offset = ablations.balance(params, 0)
+  a, b = balanced["lora_a"], balanced["lora_b"]
+  np.testing.assert_allclose(np.linalg.norm(a), np.linalg.norm(b), rtol=0.3)
+  assert np.linalg.matrix_rank(np.asarray(b)) == b.shape[0]  # B is not zero
+  np.testing.assert_allclose(a @ b - offset, params["lora_a"] @ params["lora_b"], atol=1e-6)
+
+
+def test_full_stats_variant_feeds_the_exact_w_gradient_statistics(monkeypatch):
+  """``train(weight_stats=True)`` passes mean squares of dL/dW, not of the factor gradients."""
+  params, w_loss = controlled.PROBLEMS["matrix_sensing"](1)
+  seen = []
+  tx = ablations.adaprelora(1e-2, statistics="full")
+  update = tx.update
+
+  def spy(grads, state, params, **extra):
+    jax.debug.callback(lambda *xs: seen.append(xs), params, extra["weight_stats"][""])
+    return update(grads, state, params, **extra)
+
+  controlled.train(tx._replace(update=spy), params, w_loss, 1, weight_stats=True)
+  ((p, stats),) = seen
+  g = np.asarray(jax.grad(w_loss)(p["lora_a"] @ p["lora_b"]))
+  assert isinstance(stats, WeightStats)
+  np.testing.assert_allclose(stats.row, np.mean(g**2, 1), rtol=1e-5)
+  np.testing.assert_allclose(stats.col, np.mean(g**2, 0), rtol=1e-5)
+
+
+def test_every_variant_runs_and_is_reported(tmp_path):
+  results = ablations.main(
+      [
+          "--problems",
+          "lora_regression",
+          "--steps",
+          "6",
+          "--seeds",
+          "1",
+          "--grid",
+          "0.1",
+          "--out",
+          str(tmp_path),
+      ]
+  )
+  saved = json.loads((tmp_path / "ablations.json").read_text())
+  assert set(saved["results"]["lora_regression"]) == set(ablations.VARIANTS)
+  finals = {name: by_lr[0.1]["final"][0] for name, by_lr in results["lora_regression"].items()}
+  assert all(np.isfinite(v) and v < 1.0 for v in finals.values()), finals
+  assert finals["b1"] != finals["default"]  # the variant changed something
+  assert (tmp_path / "ablations.png").stat().st_size > 0
