@@ -139,6 +139,11 @@ def _group_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tup
           tuple(x.dtype for x in factors), jax.tree.structure(extra))
 
 
+def _own_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tuple:
+  """Every pair solved alone (its stacked axes still in one ``vmap``)."""
+  return (pair.key,)
+
+
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
                  factors: list[tuple[Array, Array, Array, Array]],
                  states: list[PyTree], extras: list[PyTree], count: Array
@@ -184,6 +189,7 @@ def pairwise_transformation(
     pairing: PairingRule | None = None,
     pair_extras: PairExtras | None = None,
     state_type: Callable[..., NamedTuple] = PairwiseState,
+    join_layers: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """An Optax transformation that applies a per-slice rule to every LoRA pair.
 
@@ -197,11 +203,17 @@ def pairwise_transformation(
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`).
     pair_extras: maps ``update``'s extra keyword arguments to per-pair inputs.
     state_type: a NamedTuple with fields ``count``, ``pairs``, ``fallback``.
+    join_layers: solve the same projection of every unscanned layer in one
+      ``vmap``, which keeps compile time flat in depth for rules with ``r × r``
+      algebra. Joining copies the pairs' inputs and state, so an element-wise
+      rule, cheap to compile and memory-bound, is faster without it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
     ``params``.
   """
+
+  group_key = _group_key if join_layers else _own_key
 
   def masked_fallback(pairs: LoRAPairing) -> optax.GradientTransformation:
     return optax.masked(fallback, pairs.fallback_mask())
@@ -232,7 +244,7 @@ def pairwise_transformation(
     for pair in pairs.pairs:
       factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
                       for i in (pair.a_index, pair.b_index))
-      groups[_group_key(pair, factors, extras.get(pair.key))].append((pair, factors))
+      groups[group_key(pair, factors, extras.get(pair.key))].append((pair, factors))
     new_pairs = {}
     for members in groups.values():
       group = [pair for pair, _ in members]

@@ -44,7 +44,7 @@ def _adam_on_factors(b1: float, b2: float, eps: float,
       "scale_by_lora_plus", slice_init, slice_update,
       fallback=(optax.scale_by_adam(b1, b2, eps) if fallback is None
                 else fallback),
-      pairing=pairing)
+      pairing=pairing, join_layers=False)  # element-wise: joining would only add copies
 
 
 def scale_by_lora_plus(
