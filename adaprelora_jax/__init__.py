@@ -8,7 +8,7 @@ from adaprelora_jax.full_stats import (linear_with_weight_stats,
                                        with_weight_stats)
 from adaprelora_jax.pairing import (LoRAPair, LoRAPairing, default_rule,
                                     lora_pairs)
-from adaprelora_jax.sharding import state_shardings
+from adaprelora_jax.sharding import annotate_opt_state, state_shardings
 from adaprelora_jax.solve import (solve_factor_update, tangent_mean_squares,
                                   w_step_rms)
 from adaprelora_jax.transform import (PairState, ScaleByAdaPreLoRAState,
@@ -17,7 +17,8 @@ from adaprelora_jax.transform import (PairState, ScaleByAdaPreLoRAState,
 __all__ = [
     "LoRADenseWithStats", "LoRALinearWithStats", "LoRAPair", "LoRAPairing",
     "PairState", "ScaleByAdaPreLoRAState", "WeightStats", "WeightStatsVar",
-    "adaprelora", "default_rule", "linear_with_weight_stats", "lora_pairs",
+    "adaprelora", "annotate_opt_state", "default_rule",
+    "linear_with_weight_stats", "lora_pairs",
     "scale_by_adaprelora", "solve_factor_update", "split_weight_stats",
     "state_shardings",
     "tangent_mean_squares", "w_step_rms", "weight_stats_probe",

@@ -40,6 +40,19 @@ The state is walked generically, so the helper works for
   ``params['head']['kernel']``), else of the parameters of its shape if they
   all agree, else it is replicated.
 
+With ``flax.nnx``, sharding lives in the Variables' ``out_sharding``
+metadata instead (``nnx.with_partitioning``, ``a_metadata=`` of
+``nnx.LoRA``). ``nnx.Optimizer`` copies it onto the state leaves it makes from
+Variables (Adam's ``mu``/``nu``), but AdaPreLoRA's buffers are plain arrays, so
+they come out unannotated and replicated. :func:`annotate_opt_state` gives
+them the annotations :func:`state_shardings` derives, and, under Flax's eager
+sharding, shards them there, as Flax does for the Variables it creates::
+
+  with jax.set_mesh(mesh):
+    optimizer = nnx.Optimizer(model, adaprelora(1e-3), wrt=nnx.LoRAParam)
+    annotate_opt_state(optimizer, model)
+  # nnx.get_partition_spec(nnx.state(optimizer)) now splits v_row like A
+
 The update itself is written for sharding propagation: use mesh axes of type
 ``AxisType.Auto``. ``jax.make_mesh`` makes ``Explicit`` axes by default, under
 which JAX refuses to type the update's products over sharded axes; there,
@@ -53,6 +66,8 @@ from typing import Any
 
 import jax
 import optax
+from flax import nnx
+from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adaprelora_jax.pairing import LoRAPair, PairingRule, lora_pairs, path_names
@@ -148,6 +163,57 @@ def state_shardings(
         visit, tree, is_leaf=lambda x: isinstance(x, _PAIR_NODES))
 
   return walk(abstract, ())
+
+
+def annotate_opt_state(
+    optimizer: nnx.Optimizer, model: nnx.Module, *, pairing: PairingRule | None = None
+) -> None:
+  """Annotates ``optimizer``'s state with the shardings of ``model``'s params.
+
+  Every state leaf without ``out_sharding`` metadata (AdaPreLoRA's buffers and
+  counts) gets the :class:`~jax.sharding.PartitionSpec` that
+  :func:`state_shardings` derives from ``nnx.get_partition_spec`` of the
+  params ``optimizer`` trains, so ``nnx.get_partition_spec`` and
+  ``nnx.get_named_sharding`` of the optimizer's state follow the params.
+  Leaves with eager sharding on (Flax's default) are also sharded at once, on
+  the params' ``mesh`` metadata if they agree on one, else on the current
+  mesh: call it where the optimizer is made. Logical axis names are resolved
+  by the rules in effect now.
+
+  Example::
+
+    with jax.set_mesh(mesh):
+      model = Model(rngs=nnx.Rngs(0))
+      optimizer = nnx.Optimizer(model, adaprelora(1e-3), wrt=nnx.LoRAParam)
+      annotate_opt_state(optimizer, model)
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` over ``model``; works inside ``nnx.jit``
+      and ``nnx.eval_shape`` too.
+    model: the module ``optimizer`` was made for.
+    pairing: the pairing rule given to the optimizer, if any.
+  """
+  params = nnx.state(model, optimizer.wrt)
+  specs = state_shardings(
+      optimizer.tx, nnx.pure(params), nnx.pure(nnx.get_partition_spec(params)), pairing=pairing
+  )
+  meshes = {v.get_metadata().get("mesh") for v in jax.tree.leaves(params, is_leaf=_is_variable)}
+  meshes.discard(None)
+  mesh = meshes.pop() if len(meshes) == 1 else None
+
+  def annotate(leaf: nnx.Variable, spec: Any) -> None:
+    # Skips leaves that already carry an annotation, and MaskedNode leaves.
+    if not isinstance(spec, PartitionSpec) or leaf.get_metadata().get("out_sharding"):
+      return
+    leaf.set_metadata(out_sharding=tuple(spec))
+    if leaf.get_metadata().get("eager_sharding"):
+      leaf.set_value(spmd.shard_value(leaf.get_value(), spec, None, mesh))
+
+  jax.tree.map(annotate, optimizer.opt_state, specs, is_leaf=_is_variable)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def _spec_maker(names: Sequence[tuple[str, ...]], given: Sequence[Any]
