@@ -71,6 +71,13 @@ def adaprelora(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
     and accepts ``weight_stats`` (see :func:`scale_by_adaprelora`).
+
+  References:
+    Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
+    <https://arxiv.org/abs/2605.08734>`_, 2026.
+
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   return with_decay_and_learning_rate(
       scale_by_adaprelora(

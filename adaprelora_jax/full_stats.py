@@ -78,7 +78,16 @@ Method = Literal["auto", "dense", "gram"]
 
 def weight_stats_probe(in_features: int, out_features: int,
                        dtype: jnp.dtype = jnp.float32) -> WeightStats:
-  """The zeros whose gradient :func:`linear_with_weight_stats` defines."""
+  """The zeros whose gradient :func:`linear_with_weight_stats` defines.
+
+  Args:
+    in_features: ``m``, the kernel's input size.
+    out_features: ``n``, the kernel's output size.
+    dtype: dtype of the statistics (float32 by default, whatever the kernel's).
+
+  Returns:
+    ``WeightStats(row=zeros(m), col=zeros(n))``.
+  """
   return WeightStats(row=jnp.zeros((in_features,), dtype),
                      col=jnp.zeros((out_features,), dtype))
 

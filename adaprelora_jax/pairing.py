@@ -63,7 +63,15 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 
 
 def default_rule(names: tuple[str, ...]) -> tuple[str, Role] | None:
-  """Recognises the NNX, Qwix, Gemma-peft and Hugging Face namings."""
+  """Recognises the NNX, Qwix, Gemma-peft and Hugging Face namings.
+
+  Args:
+    names: a leaf path as plain names (:func:`path_names`).
+
+  Returns:
+    ``(pair_key, "a" | "b")`` for a LoRA factor (see the module table), else
+    ``None``. A user rule has the same signature.
+  """
   if names and names[-1] in _HF_SUFFIXES and len(names) >= 2:
     if names[-2] in ("lora_A", "lora_B"):
       names = names[:-1]

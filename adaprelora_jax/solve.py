@@ -100,9 +100,27 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
 
   ``P_T(G) = P_A G + G P_B − P_A G P_B`` (Frobenius projections onto ``A``'s
   column space and ``B``'s row space) is the minimum-norm W-gradient
-  consistent with ``grad_a`` and ``grad_b`` (SPEC §4 ``tangent``).
+  consistent with ``grad_a = s G Bᵀ`` and ``grad_b = s Aᵀ G`` (SPEC §4
+  ``tangent``). It has rank ``≤ 2r`` and is never formed: the sums of squares
+  are quadratic forms in the ``2r × 2r`` Grams of ``[A, grad_a]`` and
+  ``[B; grad_b]``.
 
-  Shapes: ``a (..., m, r)``, ``b (..., r, n)`` → ``(..., m)``, ``(..., n)``.
+  Args:
+    a: ``A``, shape ``(..., m, r)``.
+    b: ``B``, shape ``(..., r, n)``.
+    grad_a: ``∂L/∂A``, shape of ``a``.
+    grad_b: ``∂L/∂B``, shape of ``b``.
+    scale: the LoRA scale ``s``.
+    damping: relative damping of the projections (SPEC §5); ``0`` is exact
+      for full-rank factors.
+
+  Returns:
+    ``(row, col)``: ``mean_j P_T(G)_ij²`` of shape ``(..., m)`` and
+    ``mean_i P_T(G)_ij²`` of shape ``(..., n)``.
+
+  References:
+    Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
+    <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
   def one(a, b, grad_a, grad_b):
     fr, gram_m, gram_n = _grams(a, b, grad_a, grad_b, damping, scale)
@@ -115,7 +133,22 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
 
 def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
                scale: float | Array = 1.0) -> Array:
-  """RMS of the first-order W-step ``s (dA B + A dB)``, per batch slice."""
+  """RMS of the first-order W-step ``s (dA B + A dB)``, per batch slice.
+
+  ``‖dA B + A dB‖²`` is assembled from ``r × r`` Grams, so nothing ``m × n``
+  is formed. AdaPreLoRA's update clipping bounds this RMS, the W-space
+  counterpart of Adafactor's ``clip_by_block_rms``.
+
+  Args:
+    a: ``A``, shape ``(..., m, r)``.
+    b: ``B``, shape ``(..., r, n)``.
+    delta_a: a step of ``A``, shape of ``a``.
+    delta_b: a step of ``B``, shape of ``b``.
+    scale: the LoRA scale ``s``.
+
+  Returns:
+    ``sqrt(mean_ij (s (dA B + A dB))_ij²)``, shape ``(...)``.
+  """
   def one(a, b, delta_a, delta_b):
     return gram.w_step_rms(a, b, delta_a, delta_b, a.T @ a, b @ b.T, scale)
   return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->()")(
