@@ -6,17 +6,20 @@ trained (:data:`benchmarks.minilm.TRAINABLE`). Every optimizer gets the same
 schedule (linear warmup, then cosine decay to 0), the same decoupled weight
 decay on every trainable leaf, the same seed-determined init and batch order,
 and is scored on the same fixed held-out subset, so two runs with one seed
-differ only by the optimizer and its learning rate::
+differ only by the optimizer and its learning rate. Two reference lines train
+with AdamW but without LoRA: ``head_only_adamw`` (frozen encoder, head only)
+and ``full_ft_adamw`` (every encoder weight and the head)::
 
-  python -m benchmarks.finetune            # main job: adamw vs adaprelora at their tuned lr, 1 seed
-  python -m benchmarks.finetune --sweep    # lr grids x seeds 0 1 2
+  python -m benchmarks.finetune            # main job: family + references at their tuned lr
+  python -m benchmarks.finetune --sweep    # the tuning protocol (see `sweep_jobs`), 150 steps
   python -m benchmarks.finetune --optimizers adaprelora adaprelora_b1 --lrs 1e-3 --diagnostics
   python -m benchmarks.finetune --optimizers adamw "adaprelora:b1=0.95,decay_rate=0.9" \\
       --lrs adamw=1e-3,3e-3 adaprelora=3e-4,1e-3
 
 Results go to ``--out``: ``finetune.json`` (every run, rewritten after each
 one) and ``finetune.png`` (accuracy curves at each optimizer's best lr and the
-lr sweep).
+lr sweep). ``--reuse FILE ...`` takes finished runs with the same settings
+from earlier JSON files instead of rerunning them (also: resuming a sweep).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import operator
@@ -38,12 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 from flax import nnx
 from tqdm import tqdm
 
-from adaprelora_jax import adaprelora, scale_by_adaprelora
+from adaprelora_jax import adaprelora, scale_by_adaprelora, with_weight_stats
 from benchmarks.family import FAMILY
-from benchmarks.minilm import TRAINABLE, EncoderClassifier, load_minilm
+from benchmarks.minilm import TRAINABLE, EncoderClassifier, Frozen, load_minilm
 from benchmarks.wordnet import NOUN_LEXNAMES, Split, load_wordnet_nouns
 
 Factory = Callable[[optax.Schedule], optax.GradientTransformation]
@@ -66,11 +71,26 @@ def _lora_only(tx: optax.GradientTransformation) -> optax.GradientTransformation
   return optax.masked(tx, is_lora)
 
 
+TRAIN_MODES: dict[str, Any] = {
+    "lora": TRAINABLE,  # LoRA adapters + head
+    "head": nnx.Param,  # built without adapters: the head alone
+    "full": (nnx.Param, Frozen),  # built without adapters: every weight
+    "lora_stats": TRAINABLE,  # adapters with W-gradient statistics probes + head
+}
+"""What each training mode trains (an ``nnx`` filter); only the ``lora`` modes build adapters."""
+
+FULL_STATS = ("adaprelora_full",)
+"""Optimizers that read exact W-gradient statistics: trained in mode ``lora_stats``."""
+
+REFERENCES: dict[str, str] = {"head_only_adamw": "head", "full_ft_adamw": "full"}
+"""Reference lines: AdamW in a training mode other than ``lora``."""
+
 OPTIMIZERS: dict[str, Factory] = {
     # The family (benchmarks/family.py): adamw, adafactor, lora_plus, scaled_adamw,
     # lora_pro, lora_pro_full, lora_rite, adaprelora, and adaprelora_b1 (the
     # library's momentum: a running mean of the W-gradient in the factors' frames).
     **{name: (lambda s, make=make: make(s, WEIGHT_DECAY)) for name, make in FAMILY.items()},
+    **{name: (lambda s: FAMILY["adamw"](s, WEIGHT_DECAY)) for name in REFERENCES},
     # Ablation: EMA of the factor directions AdaPreLoRA outputs.
     "adaprelora_ema_dir": lambda s: optax.chain(
         scale_by_adaprelora(),
@@ -82,22 +102,69 @@ OPTIMIZERS: dict[str, Factory] = {
     "adaprelora_ema_grad": lambda s: optax.chain(
         _lora_only(optax.ema(EMA_DECAY, debias=True)), adaprelora(s, weight_decay=WEIGHT_DECAY)
     ),
+    # Ablation: SPEC §4 `full` statistics from the probes (benchmarks/minilm.py).
+    "adaprelora_full": lambda s: with_weight_stats(
+        adaprelora(s, statistics="full", weight_decay=WEIGHT_DECAY)
+    ),
 }
 """Named optimizers; any name may also be ``adamw:k=v,...`` or ``adaprelora:k=v,...`` (extra keyword arguments)."""
 
+ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2)  # per-coordinate normalised factor steps, as AdamW's
+LOW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # larger W-steps per unit lr (see RESULTS.md)
 GRIDS: dict[str, tuple[float, ...]] = {
-    "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
-    "adaprelora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "adamw": ADAM_GRID,
+    "adafactor": LOW_GRID,  # no momentum: single-step directions, as AdaPreLoRA's
+    "lora_plus": LOW_GRID,  # B's lr is 16x the peak lr
+    "scaled_adamw": ADAM_GRID,
+    "lora_pro": ADAM_GRID,
+    "lora_pro_full": LOW_GRID,  # the W-step is a full-matrix Adam step, projected
+    "lora_rite": LOW_GRID,  # invariant: W-step independent of the factors' scale
+    "adaprelora": LOW_GRID,
+    "adaprelora_b1": LOW_GRID,
+    "head_only_adamw": (3e-3, 1e-2, 3e-2, 1e-1),  # a linear probe from scratch
+    "full_ft_adamw": (3e-5, 1e-4, 3e-4, 1e-3),  # every pretrained weight moves
 }
-"""Learning-rate grids for ``--sweep``, keyed by family (see :func:`family`); all the same size."""
+"""Learning-rate grids for ``--sweep``, keyed by :func:`family`; all the same size."""
 
-TUNED_LR: dict[str, float] = {"adamw": 1e-2, "adaprelora": 3e-3}
-"""Best lr per family in the pilot sweep (1 seed, 150 steps, batch 32): the main job's defaults."""
+LADDER: tuple[float, ...] = tuple(float(f"{k}e{e}") for e in range(-7, 1) for k in (1, 3))
+"""The 1-3-10 steps the grids are made of; one past a grid's edge is the next rung."""
+
+TUNED_LR: dict[str, float] = {
+    "adamw": 1e-2,
+    "adafactor": 1e-2,
+    "lora_plus": 1e-3,
+    "scaled_adamw": 1e-2,
+    "lora_pro": 1e-2,
+    "lora_pro_full": 3e-3,
+    "lora_rite": 1e-2,
+    "adaprelora": 3e-3,
+    "adaprelora_b1": 3e-3,
+    "head_only_adamw": 3e-2,
+    "full_ft_adamw": 3e-4,
+}
+"""Best lr per method in the sweep (seed 0, 150 steps, batch 32; RESULTS.md): the main job's lrs."""
 
 
 def family(name: str) -> str:
-  """``"adamw"`` or ``"adaprelora"``: which grid and tuned lr a variant borrows."""
-  return "adamw" if name.split(":")[0].startswith("adamw") else "adaprelora"
+  """The method whose grid and tuned lr ``name`` uses: itself, else ``adamw`` or ``adaprelora``."""
+  base = name.split(":")[0]
+  if base in GRIDS:
+    return base
+  return "adamw" if base.startswith("adamw") else "adaprelora"
+
+
+def train_mode(name: str) -> str:
+  """The :data:`TRAIN_MODES` key ``name`` trains in.
+
+  ``lora``, except for the :data:`REFERENCES` and :data:`FULL_STATS`.
+  """
+  return "lora_stats" if name in FULL_STATS else REFERENCES.get(name, "lora")
+
+
+def beyond_edge(lr: float, up: bool) -> float:
+  """The :data:`LADDER` rung next to ``lr``, above or below it."""
+  i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr)))
+  return LADDER[i + (1 if up else -1)]
 
 
 def resolve_optimizer(name: str) -> Factory:
@@ -190,10 +257,15 @@ def batch_order(seed: int, count: int, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- model
 
 
-def build_model(seed: int, lora_rank: int = 8) -> EncoderClassifier:
-  """MiniLM + LoRA + head; ``seed`` draws the LoRA ``A`` init and the head init (``B`` starts at 0)."""
+def build_model(
+    seed: int, lora_rank: int | None = 8, weight_stats: bool = False
+) -> EncoderClassifier:
+  """MiniLM + LoRA (none for ``lora_rank=None``) + head; ``seed`` draws the ``A`` and head inits.
+
+  ``weight_stats`` adds the adapters' statistics probes (:func:`load_minilm`).
+  """
   rngs = nnx.Rngs(seed)
-  encoder, _ = load_minilm(lora_rank, LORA_TARGETS, rngs=rngs)
+  encoder, _ = load_minilm(lora_rank, LORA_TARGETS, rngs=rngs, weight_stats=weight_stats)
   return EncoderClassifier(encoder, len(NOUN_LEXNAMES), rngs=rngs)
 
 
@@ -281,6 +353,15 @@ def evaluate(
 # ----------------------------------------------------------------------------- run
 
 
+def warmup_steps(warmup_frac: float, steps: int) -> int:
+  return max(1, round(warmup_frac * steps))
+
+
+def adapter_rank(train: str, lora_rank: int) -> int | None:
+  """The LoRA rank a model trained in mode ``train`` is built with (``None``: no adapters)."""
+  return lora_rank if train in ("lora", "lora_stats") else None
+
+
 def run(
     optimizer_name: str,
     tx_factory: Factory,
@@ -291,6 +372,7 @@ def run(
     batch: int = 32,
     warmup_frac: float = 0.1,
     lora_rank: int = 8,
+    train: str = "lora",
     eval_examples: int = 2000,
     eval_every: int = 25,
     diagnostics: bool = False,
@@ -299,8 +381,9 @@ def run(
 ) -> dict:
   """Fine-tunes one model with ``tx_factory(warmup_cosine_decay_schedule(0, peak_lr, warmup, steps))``.
 
-  Held-out accuracy is measured every ``eval_every`` steps and after the last
-  one. ``on_params(t, trainable)`` (tests, debugging) sees the trainable
+  ``train`` (a :data:`TRAIN_MODES` key) picks what trains; ``lora_rank`` only
+  applies to ``lora``. Held-out accuracy is measured every ``eval_every`` steps
+  and after the last one. ``on_params(t, trainable)`` (tests, debugging) sees the trainable
   ``nnx.State`` after ``t`` steps, from ``t = 0``; copy what you keep, the
   buffers are donated to the next step.
 
@@ -309,15 +392,19 @@ def run(
   times, and with ``diagnostics`` the per-pair :func:`pair_diagnostics` of
   every step (``diagnostics.per_pair[metric][step][pair]``).
   """
+  if diagnostics and train != "lora":
+    raise ValueError(f"diagnostics measure LoRA pairs; train={train!r} has none")
   start = time.perf_counter()
-  train, _ = _data()
+  data, _ = _data()
   chunks = eval_chunks(eval_examples)
-  graphdef, trainable, frozen = nnx.split(build_model(seed, lora_rank), TRAINABLE, ...)
-  warmup = max(1, round(warmup_frac * steps))
+  rank = adapter_rank(train, lora_rank)
+  model = build_model(seed, rank, weight_stats=train == "lora_stats")
+  graphdef, trainable, frozen = nnx.split(model, TRAIN_MODES[train], ...)
+  warmup = warmup_steps(warmup_frac, steps)
   tx = tx_factory(optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, steps))
   opt_state = tx.init(trainable)
   train_step = _make_train_step(graphdef, tx, diagnostics)
-  order = batch_order(seed, steps * batch, len(train)).reshape(steps, batch)
+  order = batch_order(seed, steps * batch, len(data)).reshape(steps, batch)
   eval_at = set(range(eval_every, steps + 1, eval_every)) | {steps}
   losses, eval_steps, accuracies, per_step = [], [], [], []
   times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
@@ -336,9 +423,9 @@ def run(
         trainable,
         opt_state,
         frozen,
-        train.input_ids[rows],
-        train.attention_mask[rows],
-        train.labels[rows],
+        data.input_ids[rows],
+        data.attention_mask[rows],
+        data.labels[rows],
     )
     losses.append(float(loss))
     times["train_s"] += time.perf_counter() - tick
@@ -361,7 +448,8 @@ def run(
       steps=steps,
       batch=batch,
       warmup_steps=warmup,
-      lora_rank=lora_rank,
+      lora_rank=rank,
+      train=train,
       eval_examples=len(eval_indices(eval_examples)),
       losses=losses,
       eval_steps=eval_steps,
@@ -402,8 +490,23 @@ def diagnostics_summary(result: dict, early: int = 30) -> dict[str, dict[str, fl
 # ------------------------------------------------------------------------ reporting
 
 
+def ci95(values: Sequence[float]) -> float | None:
+  """Half-width of the two-sided 95% Student-t interval for the mean (``None`` for one value)."""
+  if len(values) < 2:
+    return None
+  return float(
+      scipy.stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+  )
+
+
 def summarize(runs: Sequence[dict]) -> dict[str, dict]:
-  """Per optimizer: per lr the mean/std/min/max of final and best accuracy over seeds, and the best lr (by mean final)."""
+  """Per optimizer: per lr the final and best accuracy over seeds, and the best lr.
+
+  ``final_std`` is the population std (``ddof=0``), ``final_ci95`` the
+  Student-t half-width. The best lr has the highest mean final accuracy over
+  the seeds that every lr of that optimizer ran (seed 0 under ``--sweep``), so
+  lrs are compared on the same seeds.
+  """
   groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
   for r in runs:
     groups[r["optimizer"]][r["lr"]].append(r)
@@ -411,24 +514,58 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict]:
   for name, by_lr in groups.items():
     stats = {}
     for lr, rs in sorted(by_lr.items()):
+      rs = sorted(rs, key=operator.itemgetter("seed"))
       final, best = np.array([r["final_accuracy"] for r in rs]), np.array(
           [r["best_accuracy"] for r in rs]
       )
       stats[lr] = dict(
           seeds=[r["seed"] for r in rs],
+          finals=final.tolist(),
           final_mean=final.mean(),
           final_std=final.std(),
+          final_ci95=ci95(final),
           final_min=final.min(),
           final_max=final.max(),
           best_mean=best.mean(),
           best_std=best.std(),
       )
-    summary[name] = dict(lrs=stats, best_lr=max(stats, key=lambda lr: stats[lr]["final_mean"]))
+    common = set.intersection(*(set(st["seeds"]) for st in stats.values()))
+    on_common = lambda lr: np.mean(
+        [f for seed, f in zip(stats[lr]["seeds"], stats[lr]["finals"]) if seed in common]
+    )
+    summary[name] = dict(lrs=stats, best_lr=max(stats, key=on_common))
   return summary
 
 
-def format_table(summary: dict[str, dict], baseline: float) -> str:
-  """Accuracy per optimizer and lr (mean ± std over seeds), best lr starred, then one summary line per optimizer."""
+def paired_differences(
+    runs: Sequence[dict], summary: dict[str, dict], reference: str = "adaprelora"
+) -> dict[str, dict]:
+  """Per optimizer, final accuracy minus ``reference``'s, both at their best lr, seed by seed.
+
+  A seed fixes the init and batch order for every optimizer, so the paired
+  differences vary less than either accuracy. Empty without ``reference``.
+  """
+  if reference not in summary:
+    return {}
+  final = lambda name: {
+      r["seed"]: r["final_accuracy"]
+      for r in runs
+      if r["optimizer"] == name and r["lr"] == summary[name]["best_lr"]
+  }
+  ref = final(reference)
+  out = {}
+  for name in summary:
+    mine = final(name)
+    seeds = sorted(set(mine) & set(ref))
+    if name == reference or not seeds:
+      continue
+    diffs = [mine[s] - ref[s] for s in seeds]
+    out[name] = dict(seeds=seeds, diffs=diffs, mean=float(np.mean(diffs)), ci95=ci95(diffs))
+  return out
+
+
+def format_table(summary: dict[str, dict], baseline: float, paired: dict[str, dict]) -> str:
+  """Accuracy per optimizer and lr (mean ± std over seeds, best lr starred), then summary lines."""
   lines = [f"{'optimizer':<24} {'lr':>8} {'seeds':>5}  {'final acc':>15}  {'best acc':>15}"]
   for name, s in summary.items():
     for lr, st in s["lrs"].items():
@@ -440,50 +577,132 @@ def format_table(summary: dict[str, dict], baseline: float) -> str:
   lines.append(f"majority-class baseline: {baseline:.4f}")
   for name, s in summary.items():
     st = s["lrs"][s["best_lr"]]
+    ci = "" if st["final_ci95"] is None else f", 95% CI ± {st['final_ci95']:.4f}"
     lines.append(
         f"SUMMARY {name}: best lr {s['best_lr']:g}, final held-out accuracy "
-        f"{st['final_mean']:.4f} ± {st['final_std']:.4f} over {len(st['seeds'])} seed(s)"
+        f"{st['final_mean']:.4f} ± {st['final_std']:.4f}{ci} over {len(st['seeds'])} seed(s) "
+        f"[{' '.join(f'{f:.4f}' for f in st['finals'])}]"
+    )
+  for name, d in paired.items():
+    ci = "" if d["ci95"] is None else f" ± {d['ci95']:.4f} (95% CI)"
+    lines.append(
+        f"PAIRED {name} - adaprelora: {d['mean']:+.4f}{ci} over seeds {d['seeds']} "
+        f"[{' '.join(f'{x:+.4f}' for x in d['diffs'])}]"
     )
   return "\n".join(lines)
 
 
 def plot(runs: Sequence[dict], summary: dict[str, dict], baseline: float, path: Path) -> None:
-  """Left: accuracy vs step at each optimizer's best lr (mean, min-max band). Right: final accuracy vs lr."""
+  """Left: accuracy vs step at each optimizer's best lr. Right: final accuracy vs lr.
+
+  Curves average the runs at the best lr with the most evaluations (under
+  ``--sweep``, seed 0 ran there as a grid point evaluated at the end only),
+  with a min-max band; the legend gives the final accuracy over all seeds.
+  Reference lines are black, dashed.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (curves, sweep) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (curves, sweep) = plt.subplots(1, 2, figsize=(15, 5.5))
+  colors = itertools.cycle(plt.get_cmap("tab10").colors)
+  ref_styles = itertools.cycle(("-.", "--"))
   for name, s in summary.items():
+    best = s["lrs"][s["best_lr"]]
     rs = [r for r in runs if r["optimizer"] == name and r["lr"] == s["best_lr"]]
+    longest = max(len(r["eval_steps"]) for r in rs)
+    rs = [r for r in rs if len(r["eval_steps"]) == longest]
     acc = np.array([r["accuracies"] for r in rs])
-    (line,) = curves.plot(
-        rs[0]["eval_steps"], acc.mean(0), marker="o", label=f"{name} (lr={s['best_lr']:g})"
+    ref = name in REFERENCES
+    style = dict(color="black", linestyle=next(ref_styles)) if ref else dict(color=next(colors))
+    curves.plot(
+        rs[0]["eval_steps"],
+        acc.mean(0),
+        marker="o",
+        markersize=3,
+        label=f"{name} (lr={s['best_lr']:g}): {best['final_mean']:.3f}",
+        **style,
     )
-    curves.fill_between(
-        rs[0]["eval_steps"], acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2
-    )
+    curves.fill_between(rs[0]["eval_steps"], acc.min(0), acc.max(0), alpha=0.15, **style)
     lrs = list(s["lrs"])
     mean = np.array([s["lrs"][lr]["final_mean"] for lr in lrs])
     spread = [
         mean - [s["lrs"][lr]["final_min"] for lr in lrs],
         [s["lrs"][lr]["final_max"] for lr in lrs] - mean,
     ]
-    sweep.errorbar(lrs, mean, yerr=spread, marker="o", capsize=3, label=name)
+    sweep.errorbar(lrs, mean, yerr=spread, marker="o", capsize=3, label=name, **style)
   for ax in (curves, sweep):
-    ax.axhline(baseline, color="gray", linestyle="--", label="majority class")
+    ax.axhline(baseline, color="gray", linestyle=":", label="majority class")
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   curves.set_xlabel("step")
   curves.set_title("accuracy at the best lr (mean over seeds, min-max band)")
   sweep.set_xscale("log")
   sweep.set_xlabel("peak learning rate")
-  sweep.set_title("final accuracy vs lr")
+  sweep.set_title("final accuracy vs lr (mean, min-max over the seeds run)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- jobs
+
+SWEEP_SIZE = dict(steps=150, eval_examples=2000, eval_every=25)
+"""The tuning protocol's size (``--sweep``)."""
+
+MAIN_SIZE = dict(steps=80, eval_examples=1000, eval_every=20)
+"""The main job's size: all eleven methods in about 7 minutes on 2 shared CPU cores."""
+
+Execute = Callable[[str, float, int, int], dict]
+"""``execute(optimizer, lr, seed, eval_every)``: one finished run."""
+
+
+def sweep_jobs(
+    names: Sequence[str],
+    lrs: dict[str, list[float]],
+    seeds: Sequence[int],
+    grid_eval_every: int,
+    eval_every: int,
+    execute: Execute,
+) -> None:
+  """The tuning protocol, the same for every method, phase by phase so partial results are useful.
+
+  1. every method's grid on ``seeds[0]``, evaluated every ``grid_eval_every``
+     steps (final accuracy does not depend on it);
+  2. for each method whose best ``seeds[0]`` lr is at an edge of its grid,
+     one more lr past that edge (:func:`beyond_edge`), once;
+  3. ``seeds[1:]`` at each method's best ``seeds[0]`` lr, evaluated every
+     ``eval_every`` steps for the curves.
+  """
+  first = {n: {lr: execute(n, lr, seeds[0], grid_eval_every) for lr in lrs[n]} for n in names}
+  best = lambda n: max(first[n], key=lambda lr: first[n][lr]["final_accuracy"])
+  for n in names:
+    if len(lrs[n]) > 1 and best(n) in (min(lrs[n]), max(lrs[n])):
+      lr = beyond_edge(best(n), up=best(n) == max(lrs[n]))
+      first[n][lr] = execute(n, lr, seeds[0], grid_eval_every)
+  for n in names:
+    for seed in seeds[1:]:
+      execute(n, best(n), seed, eval_every)
+
+
+def _run_key(r: dict) -> tuple:
+  """What two runs must share to be interchangeable (eval frequency aside)."""
+  fields = ("optimizer", "lr", "seed", "steps", "batch", "warmup_steps", "lora_rank")
+  return (*(r[k] for k in fields), r.get("train", "lora"), r["eval_examples"])
+
+
+def load_reusable(paths: Sequence[Path]) -> dict[tuple, dict]:
+  """Runs of earlier ``finetune.json`` files (same weight decay) by :func:`_run_key`; first wins."""
+  found = {}
+  for path in paths:
+    saved = json.loads(path.read_text())
+    if saved["weight_decay"] != WEIGHT_DECAY:
+      raise SystemExit(f"{path}: weight decay {saved['weight_decay']} != {WEIGHT_DECAY}")
+    for r in saved["runs"]:
+      found.setdefault(_run_key(r), {**r, "source": r.get("source", str(path))})
+  return found
 
 
 def _parse_lrs(
@@ -510,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument(
       "--optimizers",
       nargs="+",
-      default=["adamw", "adaprelora"],
+      default=[*FAMILY, *REFERENCES],
       help=f"names from {sorted(OPTIMIZERS)}, or adamw:k=v,... / adaprelora:k=v,...",
   )
   parser.add_argument(
@@ -520,62 +739,116 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "(default: the tuned lr, or the grid with --sweep)",
   )
   parser.add_argument(
-      "--sweep", action="store_true", help="the lr grids and seeds 0 1 2 (unless given)"
+      "--sweep",
+      action="store_true",
+      help=f"the tuning protocol (grids on the first seed, one lr past an edge, the other seeds "
+      f"at the best lr), seeds 0 1 2 and {SWEEP_SIZE} unless given",
   )
   parser.add_argument("--seeds", nargs="+", type=int)
-  parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument(
+      "--steps", type=int, help=f"default {MAIN_SIZE['steps']}, or 150 with --sweep"
+  )
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--warmup-frac", type=float, default=0.1)
   parser.add_argument("--lora-rank", type=int, default=8)
-  parser.add_argument("--eval-examples", type=int, default=2000)
-  parser.add_argument("--eval-every", type=int, default=25)
+  parser.add_argument("--eval-examples", type=int, help=f"default {MAIN_SIZE['eval_examples']}")
+  parser.add_argument("--eval-every", type=int, help=f"default {MAIN_SIZE['eval_every']}")
+  parser.add_argument(
+      "--grid-eval-every",
+      type=int,
+      help="evaluation interval of --sweep's grid runs (default: at the last step only)",
+  )
+  parser.add_argument(
+      "--reuse",
+      nargs="+",
+      type=Path,
+      default=[],
+      help="finetune.json files whose runs with the same settings are taken instead of rerun",
+  )
   parser.add_argument(
       "--diagnostics", action="store_true", help="record factor norms and W-step RMS per step"
   )
   parser.add_argument("--out", type=Path, default=Path("benchmarks/out/finetune"))
   args = parser.parse_args(argv)
+  for key, value in (SWEEP_SIZE if args.sweep else MAIN_SIZE).items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
 
   factories = {name: resolve_optimizer(name) for name in args.optimizers}
   lrs = _parse_lrs(args.lrs, args.optimizers, args.sweep)
   seeds = args.seeds or ([0, 1, 2] if args.sweep else [0])
-  jobs = [(name, lr, seed) for name in args.optimizers for lr in lrs[name] for seed in seeds]
+  reusable = load_reusable(args.reuse)
   args.out.mkdir(parents=True, exist_ok=True)
   json_path, png_path = args.out / "finetune.json", args.out / "finetune.png"
   baseline = majority_baseline(args.eval_examples)
   report = dict(
-      config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-      weight_decay=WEIGHT_DECAY,
-      majority_baseline=baseline,
-      runs=[],
+      config=vars(args), weight_decay=WEIGHT_DECAY, majority_baseline=baseline, sources=[], runs=[]
   )
+
+  def save() -> None:
+    """JSON and plot of the runs so far: an interrupted job leaves a consistent summary."""
+    report["summary"] = summarize(report["runs"])
+    report["paired_vs_adaprelora"] = paired_differences(report["runs"], report["summary"])
+    report["wall_s"] = time.perf_counter() - start
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    plot(report["runs"], report["summary"], baseline, png_path)
+
+  bar = tqdm(desc="runs", unit="run")
   start = time.perf_counter()
-  for name, lr, seed in tqdm(jobs, desc="runs"):
-    result = run(
-        name,
-        factories[name],
-        lr,
-        seed,
+
+  def execute(name: str, lr: float, seed: int, eval_every: int) -> dict:
+    mode = train_mode(name)
+    planned = dict(
+        optimizer=name,
+        lr=lr,
+        seed=seed,
         steps=args.steps,
         batch=args.batch,
-        warmup_frac=args.warmup_frac,
-        lora_rank=args.lora_rank,
-        eval_examples=args.eval_examples,
-        eval_every=args.eval_every,
-        diagnostics=args.diagnostics,
+        warmup_steps=warmup_steps(args.warmup_frac, args.steps),
+        lora_rank=adapter_rank(mode, args.lora_rank),
+        train=mode,
+        eval_examples=len(eval_indices(args.eval_examples)),
     )
-    if args.diagnostics:
-      result["diagnostics"]["summary"] = diagnostics_summary(result)
+    result = None if args.diagnostics else reusable.get(_run_key(planned))
+    if result is None:
+      result = run(
+          name,
+          factories[name],
+          lr,
+          seed,
+          steps=args.steps,
+          batch=args.batch,
+          warmup_frac=args.warmup_frac,
+          lora_rank=args.lora_rank,
+          train=mode,
+          eval_examples=args.eval_examples,
+          eval_every=eval_every,
+          diagnostics=args.diagnostics,
+      )
+      if args.diagnostics:
+        result["diagnostics"]["summary"] = diagnostics_summary(result)
+    elif result["source"] not in report["sources"]:
+      report["sources"].append(result["source"])
     report["runs"].append(result)
+    bar.update()
     tqdm.write(
         f"{name} lr={lr:g} seed={seed}: final {result['final_accuracy']:.4f} "
-        f"best {result['best_accuracy']:.4f} ({result['wall_s']:.0f} s)"
+        f"best {result['best_accuracy']:.4f} "
+        + (f"(from {result['source']})" if "source" in result else f"({result['wall_s']:.0f} s)")
     )
-    json_path.write_text(json.dumps(report, indent=1))  # keep finished runs if interrupted
-  report["summary"] = summarize(report["runs"])
-  report["wall_s"] = time.perf_counter() - start
-  json_path.write_text(json.dumps(report, indent=1))
-  plot(report["runs"], report["summary"], baseline, png_path)
-  print(format_table(report["summary"], baseline))
+    save()
+    return result
+
+  if args.sweep:
+    grid_eval_every = args.grid_eval_every or args.steps
+    sweep_jobs(args.optimizers, lrs, seeds, grid_eval_every, args.eval_every, execute)
+  else:
+    for name in args.optimizers:
+      for lr in lrs[name]:
+        for seed in seeds:
+          execute(name, lr, seed, args.eval_every)
+  bar.close()
+  print(format_table(report["summary"], baseline, report["paired_vs_adaprelora"]))
   if args.diagnostics:
     for r in report["runs"]:
       print(
