@@ -1,12 +1,16 @@
 """The ablation benchmark changes one thing per variant, and starts every variant from the same W."""
 
+import argparse
+import importlib
 import json
+import pathlib
 
 import jax
+import pytest
 import numpy as np
 
 from adaprelora_jax import WeightStats
-from benchmarks import ablations, controlled
+from benchmarks import ablations, controlled, run_all
 
 
 def test_balanced_init_starts_from_the_same_product_as_zero_b():
@@ -58,3 +62,28 @@ def test_every_variant_runs_and_is_reported(tmp_path):
   assert all(np.isfinite(v) and v < 1.0 for v in finals.values()), finals
   assert finals["b1"] != finals["default"]  # the variant changed something
   assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+class _Parsed(Exception):
+  """Carries the parsed arguments out of a benchmark's ``main`` before it runs anything."""
+
+  def __init__(self, args):
+    super().__init__()
+    self.namespace = args
+
+
+def test_run_all_covers_every_benchmark_with_arguments_they_accept(monkeypatch):
+  """Each command names a benchmark module whose own parser accepts its arguments."""
+  original = argparse.ArgumentParser.parse_args
+
+  def parse_then_stop(self, args=None, namespace=None):
+    raise _Parsed(original(self, args, namespace))  # a bad argument exits with status 2 here
+
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+  commands = run_all.commands("gpu", pathlib.Path("/tmp/out"), None)
+  assert [c[2] for c in commands] == [f"benchmarks.{name}" for name in run_all.BENCHMARKS]
+  for command in commands:
+    with pytest.raises(_Parsed) as parsed:
+      importlib.import_module(command[2]).main(command[3:])
+    if "--size" in command:
+      assert parsed.value.namespace.size == "gpu"
