@@ -44,7 +44,15 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from benchmarks.family import FAMILY, GRID, Factory, select
+from benchmarks.family import (
+    FAMILY,
+    GRID,
+    Factory,
+    eval_schedule,
+    select,
+    warmup_cosine,
+    warmup_steps,
+)
 from benchmarks.fortunes import (
     Batch,
     LMData,
@@ -171,7 +179,7 @@ def run(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-  """Trains the adapters with ``factory(warmup_cosine_decay_schedule(0, lr, ...), WEIGHT_DECAY)``.
+  """Trains the adapters with ``factory(family.warmup_cosine(lr, steps, WARMUP_FRAC), WEIGHT_DECAY)``.
 
   Held-out perplexity is measured every ``eval_every`` steps and after the
   last one; step 0 is the shared zero-shot perplexity. Returns a JSON-ready
@@ -179,12 +187,11 @@ def run(
   ``final_ppl``, ``best_ppl`` (step 0 included) and wall times.
   """
   start = time.perf_counter()
-  warmup = max(1, round(WARMUP_FRAC * steps))
-  tx = factory(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), WEIGHT_DECAY)
+  tx = factory(warmup_cosine(lr, steps, WARMUP_FRAC), WEIGHT_DECAY)
   trainable = jax.tree.map(jnp.copy, setup.trainable)  # the step donates its input
   opt_state = tx.init(trainable)
   train_step = _make_train_step(setup.graphdef, tx)
-  eval_at = set(range(eval_every, steps + 1, eval_every)) | {steps}
+  eval_at = eval_schedule(steps, eval_every)
   losses, eval_steps, ppl = [], [0], [setup.zero_shot_ppl]
   times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
   bar = tqdm(
@@ -212,7 +219,7 @@ def run(
       seed=seed,
       steps=steps,
       batch=batch,
-      warmup_steps=warmup,
+      warmup_steps=warmup_steps(WARMUP_FRAC, steps),
       losses=losses,
       eval_steps=eval_steps,
       ppl=ppl,

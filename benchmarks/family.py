@@ -41,6 +41,21 @@ GRID: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """The peak learning rates swept for every method."""
 
 
+def warmup_steps(warmup_frac: float, steps: int) -> int:
+  """Length of the linear warmup: ``warmup_frac`` of the steps, at least one."""
+  return max(1, round(warmup_frac * steps))
+
+
+def warmup_cosine(peak_lr: float, steps: int, warmup_frac: float) -> optax.Schedule:
+  """The schedule the real-model benchmarks train under: linear warmup from 0, then cosine to 0."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps(warmup_frac, steps), steps)
+
+
+def eval_schedule(steps: int, every: int) -> set[int]:
+  """The steps after which held-out quality is measured: every ``every`` steps, and the last."""
+  return set(range(every, steps + 1, every)) | {steps}
+
+
 def select(names: list[str] | None) -> dict[str, Factory]:
   """The named subset of :data:`FAMILY` (all of it for ``None``), in the given order."""
   if names is None:

@@ -47,7 +47,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from adaprelora_jax import adaprelora, scale_by_adaprelora, with_weight_stats
-from benchmarks.family import FAMILY
+from benchmarks.family import FAMILY, eval_schedule, warmup_cosine, warmup_steps
 from benchmarks.minilm import TRAINABLE, EncoderClassifier, Frozen, load_minilm
 from benchmarks.wordnet import NOUN_LEXNAMES, Split, load_wordnet_nouns
 
@@ -353,10 +353,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- run
 
 
-def warmup_steps(warmup_frac: float, steps: int) -> int:
-  return max(1, round(warmup_frac * steps))
-
-
 def adapter_rank(train: str, lora_rank: int) -> int | None:
   """The LoRA rank a model trained in mode ``train`` is built with (``None``: no adapters)."""
   return lora_rank if train in ("lora", "lora_stats") else None
@@ -379,7 +375,7 @@ def run(
     on_params: Callable[[int, Any], None] | None = None,
     progress: bool = True,
 ) -> dict:
-  """Fine-tunes one model with ``tx_factory(warmup_cosine_decay_schedule(0, peak_lr, warmup, steps))``.
+  """Fine-tunes one model with ``tx_factory(family.warmup_cosine(peak_lr, steps, warmup_frac))``.
 
   ``train`` (a :data:`TRAIN_MODES` key) picks what trains; ``lora_rank`` only
   applies to ``lora``. Held-out accuracy is measured every ``eval_every`` steps
@@ -400,12 +396,11 @@ def run(
   rank = adapter_rank(train, lora_rank)
   model = build_model(seed, rank, weight_stats=train == "lora_stats")
   graphdef, trainable, frozen = nnx.split(model, TRAIN_MODES[train], ...)
-  warmup = warmup_steps(warmup_frac, steps)
-  tx = tx_factory(optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, steps))
+  tx = tx_factory(warmup_cosine(peak_lr, steps, warmup_frac))
   opt_state = tx.init(trainable)
   train_step = _make_train_step(graphdef, tx, diagnostics)
   order = batch_order(seed, steps * batch, len(data)).reshape(steps, batch)
-  eval_at = set(range(eval_every, steps + 1, eval_every)) | {steps}
+  eval_at = eval_schedule(steps, eval_every)
   losses, eval_steps, accuracies, per_step = [], [], [], []
   times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
   if on_params is not None:
@@ -447,7 +442,7 @@ def run(
       seed=seed,
       steps=steps,
       batch=batch,
-      warmup_steps=warmup,
+      warmup_steps=warmup_steps(warmup_frac, steps),
       lora_rank=rank,
       train=train,
       eval_examples=len(eval_indices(eval_examples)),
