@@ -98,6 +98,27 @@ def frames(gram_a: Array, gram_b: Array, damping: Array | float,
                 to_y=inv_b.T @ hat_b / scale, to_x=hat_a @ inv_a / scale)
 
 
+def stacked_gram(x: Array, y: Array) -> Array:
+  """``[x, y]ᵀ[x, y]`` for two ``(m, r)`` stacks, without concatenating them.
+
+  For the ``n`` side pass ``B.T`` and ``grad_b.T``: the transposes fold into
+  the products.
+  """
+  xy = x.T @ y
+  return jnp.block([[x.T @ x, xy], [xy.T, y.T @ y]])
+
+
+def _row_quadratic_forms(x: Array, y: Array, form: Array) -> Array:
+  """``diag([x, y] form [x, y]ᵀ)`` for a symmetric ``2r × 2r`` ``form``.
+
+  Written as ``x (form₁₁ xᵀ + 2 form₂₁ᵀ yᵀ) + y form₂₂ yᵀ`` per row, so the
+  ``(m, r)`` stacks are read in place rather than copied into an ``(m, 2r)``.
+  """
+  r = x.shape[1]
+  mixed = y @ jnp.concatenate([2.0 * form[r:, :r], form[r:, r:]], axis=1)
+  return jnp.sum(x * (x @ form[:r, :r] + mixed[:, :r]) + y * mixed[:, r:], axis=1)
+
+
 def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
                          gram_m: Array, gram_n: Array) -> tuple[Array, Array]:
   """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``.
@@ -105,7 +126,7 @@ def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
   ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂`` is ``U C V`` for the stacks
   ``U = [A, grad_a]``, ``V = [B; grad_b]`` and an ``2r × 2r`` ``C``; its row
   and column sums of squares are quadratic forms in ``U`` and ``V`` with
-  the Grams ``gram_m = UᵀU`` and ``gram_n = VVᵀ``.
+  the Grams ``gram_m = UᵀU`` and ``gram_n = VVᵀ`` (:func:`stacked_gram`).
 
   Args:
     a_grad_a: ``Aᵀ grad_a``.
@@ -116,23 +137,50 @@ def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
   c_b_on_g = fr.to_y @ fr.inv_b           # grad_a (· B)
   zero = jnp.zeros_like(c_b_on_a)
   coef = jnp.block([[c_b_on_a, c_g_on_a], [c_b_on_g, zero]])
-  u = jnp.concatenate([a, grad_a], axis=1)
-  v = jnp.concatenate([b, grad_b], axis=0)
-  rows = jnp.sum((u @ (coef @ gram_n @ coef.T)) * u, axis=1)
-  cols = jnp.sum(((coef.T @ gram_m @ coef) @ v) * v, axis=0)
+  rows = _row_quadratic_forms(a, grad_a, coef @ gram_n @ coef.T)
+  cols = _row_quadratic_forms(b.T, grad_b.T, coef.T @ gram_m @ coef)
   # Sums of squares: clamp the rounding error of the quadratic forms at 0.
   return (jnp.maximum(rows, 0.0) / b.shape[1],
           jnp.maximum(cols, 0.0) / a.shape[0])
 
 
+def w_step_rms_from_grams(gram_a: Array, gram_b: Array, da_da: Array, da_a: Array,
+                          db_db: Array, db_b: Array, m: int, n: int, scale) -> Array:
+  """RMS of the first-order W-step ``s (dA B + A dB)`` of one ``m × n`` slice.
+
+  ``‖dA B + A dB‖² = tr(dAᵀdA BBᵀ) + tr(AᵀA dB dBᵀ) + 2 tr(dAᵀA dB Bᵀ)``.
+
+  Args:
+    gram_a, gram_b: ``AᵀA`` and ``BBᵀ``.
+    da_da, da_a: ``dAᵀdA`` and ``dAᵀA``.
+    db_db, db_b: ``dB dBᵀ`` and ``dB Bᵀ``.
+  """
+  sq = (jnp.sum(da_da * gram_b) + jnp.sum(gram_a * db_db)
+        + 2.0 * jnp.sum(da_a * db_b.T))
+  # A norm that overflowed (inf − inf) reads as infinite, so clipping drops it.
+  sq = jnp.where(jnp.isnan(sq), jnp.inf, jnp.maximum(sq, 0.0))
+  return scale * jnp.sqrt(sq / (m * n))
+
+
+class Clipping(NamedTuple):
+  """Update clipping inside :func:`solve`: bound the W-step's RMS by ``threshold``."""
+
+  threshold: Array | float
+  gram_a: Array  # AᵀA
+  gram_b: Array  # BBᵀ
+
+
 def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
-          damping) -> tuple[Array, Array]:
+          damping, clipping: Clipping | None = None) -> tuple[Array, Array]:
   """SPEC §3 for one slice with factor gradients ``E_A map_a`` and ``map_b E_B``.
 
   ``dA = s⁻² [g_A/ℓ − ½ A P⁻¹K] Q⁻¹`` and
   ``dB = s⁻² P⁻¹ [g_B/ρ − ½ K Q⁻¹ B]`` with ``g_A = E_A map_a``,
-  ``g_B = map_b E_B`` and ``K = Aᵀ g_A = (Aᵀ E_A) map_a``, evaluated as one
-  ``(m, 2r) @ (2r, r)`` and one ``(r, 2r) @ (2r, n)`` product.
+  ``g_B = map_b E_B`` and ``K = Aᵀ g_A = (Aᵀ E_A) map_a``, kept in the
+  product form ``dA = F X + A Y``, ``dB = X' F' + Y B`` (``F = E_A/ℓ``,
+  ``F' = E_B/ρ``, ``r × r`` coefficients) until the last two products.
+  With ``clipping``, the W-step's RMS comes from the ``r × r`` Grams of that
+  form, and the shrink factor scales the coefficients, not the steps.
 
   Args:
     a_eff_a: ``Aᵀ E_A``.
@@ -143,30 +191,35 @@ def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
   inv_p = damped_inverse((a * row[:, None]).T @ a, damping)
   inv_q = damped_inverse((b * col[None, :]) @ b.T, damping)
   inv_s2 = 1.0 / (scale * scale)
-  cross = -0.5 * inv_s2 * (inv_p @ (a_eff_a @ map_a) @ inv_q)
-  coef_a = jnp.concatenate([inv_s2 * map_a @ inv_q, cross], axis=0)
-  coef_b = jnp.concatenate([inv_s2 * inv_p @ map_b, cross], axis=1)
-  stack_a = jnp.concatenate([eff_a / row[:, None], a], axis=1)
-  stack_b = jnp.concatenate([eff_b / col[None, :], b], axis=0)
-  return stack_a @ coef_a, coef_b @ stack_b
+  cross = -0.5 * inv_s2 * (inv_p @ (a_eff_a @ map_a) @ inv_q)  # Y
+  lead_a, lead_b = inv_s2 * map_a @ inv_q, inv_s2 * inv_p @ map_b  # X, X'
+  scaled_a, scaled_b = eff_a / row[:, None], eff_b / col[None, :]  # F, F'
+  if clipping is not None:
+    ft_a, ft_b = scaled_a.T @ a, scaled_b @ b.T  # FᵀA, F'Bᵀ
+    mixed_a = lead_a.T @ ft_a @ cross  # XᵀFᵀA Y, and its transpose, in dAᵀdA
+    mixed_b = lead_b @ ft_b @ cross.T
+    gram_a, gram_b = clipping.gram_a, clipping.gram_b
+    rms = w_step_rms_from_grams(
+        gram_a, gram_b,
+        da_da=(lead_a.T @ (scaled_a.T @ scaled_a) @ lead_a + mixed_a + mixed_a.T
+               + cross.T @ gram_a @ cross),
+        da_a=lead_a.T @ ft_a + cross.T @ gram_a,
+        db_db=(lead_b @ (scaled_b @ scaled_b.T) @ lead_b.T + mixed_b + mixed_b.T
+               + cross @ gram_b @ cross.T),
+        db_b=lead_b @ ft_b + cross @ gram_b,
+        m=a.shape[0], n=b.shape[1], scale=scale)
+    shrink = 1.0 / jnp.maximum(1.0, rms / clipping.threshold)
+    lead_a, lead_b, cross = lead_a * shrink, lead_b * shrink, cross * shrink
+  return scaled_a @ lead_a + a @ cross, lead_b @ scaled_b + cross @ b
 
 
 def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array,
                gram_a: Array, gram_b: Array, scale) -> Array:
-  """RMS of the first-order W-step ``s (dA B + A dB)`` of one slice, from Grams.
-
-  ``‖dA B + A dB‖² = tr(dAᵀdA BBᵀ) + tr(AᵀA dB dBᵀ) + 2 tr(dAᵀA dB Bᵀ)``,
-  with ``dAᵀ[dA, A]`` and ``dB [dB; B]ᵀ`` one ``r × 2r`` product each.
+  """RMS of the first-order W-step ``s (dA B + A dB)`` of one slice.
 
   Args:
     gram_a, gram_b: ``AᵀA`` and ``BBᵀ``.
   """
-  r = gram_a.shape[0]
-  da_stats = delta_a.T @ jnp.concatenate([delta_a, a], axis=1)
-  db_stats = delta_b @ jnp.concatenate([delta_b, b], axis=0).T
-  sq = (jnp.sum(da_stats[:, :r] * gram_b) + jnp.sum(gram_a * db_stats[:, :r])
-        + 2.0 * jnp.sum(da_stats[:, r:] * db_stats[:, r:].T))
-  m, n = a.shape[0], b.shape[1]
-  # A norm that overflowed (inf − inf) reads as infinite, so clipping drops it.
-  sq = jnp.where(jnp.isnan(sq), jnp.inf, jnp.maximum(sq, 0.0))
-  return scale * jnp.sqrt(sq / (m * n))
+  return w_step_rms_from_grams(
+      gram_a, gram_b, delta_a.T @ delta_a, delta_a.T @ a, delta_b @ delta_b.T,
+      delta_b @ b.T, a.shape[0], b.shape[1], scale)

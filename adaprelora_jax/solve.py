@@ -84,15 +84,6 @@ def solve_factor_update(
   return solve(*(x.astype(dtype) for x in (a, b, grad_a, grad_b, row, col)))
 
 
-def _grams(a, b, grad_a, grad_b, damping, scale):
-  u = jnp.concatenate([a, grad_a], axis=1)
-  v = jnp.concatenate([b, grad_b], axis=0)
-  gram_m, gram_n = u.T @ u, v @ v.T
-  r = a.shape[1]
-  fr = gram.frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale)
-  return fr, gram_m, gram_n
-
-
 def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
                          scale: float | Array = 1.0, damping: float | Array = 0.0
                          ) -> tuple[Array, Array]:
@@ -123,8 +114,10 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
   def one(a, b, grad_a, grad_b):
-    fr, gram_m, gram_n = _grams(a, b, grad_a, grad_b, damping, scale)
+    gram_m = gram.stacked_gram(a, grad_a)
+    gram_n = gram.stacked_gram(b.T, grad_b.T)
     r = a.shape[1]
+    fr = gram.frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale)
     return gram.tangent_mean_squares(a, b, grad_a, grad_b, fr,
                                      gram_m[:r, r:], gram_m, gram_n)
   return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->(m),(n)")(

@@ -165,19 +165,14 @@ def scale_by_adaprelora(
     """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
     mu_y, mu_x = state.mu_a, state.mu_b
     # The m- and n-side Grams that everything below is assembled from.
-    side_m = [a, grad_a] + ([mu_y] if with_momentum else [])
-    side_n = [b, grad_b] + ([mu_x] if with_momentum else [])
-    gram_m = jnp.concatenate(side_m, 1).T @ jnp.concatenate(side_m, 1)
-    gram_n = jnp.concatenate(side_n, 0) @ jnp.concatenate(side_n, 0).T
+    gram_m = gram.stacked_gram(a, grad_a)
+    gram_n = gram.stacked_gram(b.T, grad_b.T)
     r = a.shape[1]
-    block = lambda g, i, j: g[i * r:(i + 1) * r, j * r:(j + 1) * r]
-    gram_a, gram_b = block(gram_m, 0, 0), block(gram_n, 0, 0)
-    a_grad_a = block(gram_m, 0, 1)
+    gram_a, gram_b, a_grad_a = gram_m[:r, :r], gram_n[:r, :r], gram_m[:r, r:]
     fr = gram.frames(gram_a, gram_b, damping, lora_scale)
     if stats is None:
       stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, fr, a_grad_a,
-                                        gram_m[:2 * r, :2 * r],
-                                        gram_n[:2 * r, :2 * r])
+                                        gram_m, gram_n)
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
     v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats,
                                           beta, eps)
@@ -189,15 +184,13 @@ def scale_by_adaprelora(
     map_b = lora_scale * fr.root_a @ fr.to_x
     if with_momentum:
       (eff_a, eff_b), (mu_y, mu_x), a_eff_a = momentum.update_momentum(
-          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, block(gram_m, 0, 2),
-          b1, count)
+          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, a.T @ mu_y, b1, count)
       map_a, map_b = lora_scale * fr.root_b.T, lora_scale * fr.root_a
+    clipping = (None if clipping_threshold is None else
+                gram.Clipping(clipping_threshold, gram_a, gram_b))
     delta_a, delta_b = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a,
-                                  row, col, scale=lora_scale, damping=damping)
-    if clipping_threshold is not None:
-      rms = gram.w_step_rms(a, b, delta_a, delta_b, gram_a, gram_b, lora_scale)
-      shrink = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
-      delta_a, delta_b = delta_a * shrink, delta_b * shrink
+                                  row, col, scale=lora_scale, damping=damping,
+                                  clipping=clipping)
     return delta_a, delta_b, PairState(v_row, v_col, mu_y, mu_x)
 
   def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
