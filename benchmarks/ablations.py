@@ -15,6 +15,7 @@ Every variant gets the controlled benchmark's protocol: the same warmup +
 cosine schedule, peak-lr grid and seeds, reported at its best lr::
 
   python -m benchmarks.ablations                    # both problems, 3 seeds
+  python -m benchmarks.ablations --size gpu         # the controlled benchmark's GPU size
   python -m benchmarks.ablations --variants default full_stats --seeds 1
 
 Results go to ``--out``: ``ablations.json`` and ``ablations.png``. The cost
@@ -68,12 +69,14 @@ def balance(params: dict, seed: int) -> tuple[dict, jnp.ndarray]:
   return {"lora_a": a, "lora_b": b}, a @ b
 
 
-def runner(problem: str, name: str, steps: int) -> Callable[[optax.Schedule, int], np.ndarray]:
+def runner(
+    problem: str, name: str, steps: int, dims: dict[str, int] | None = None
+) -> Callable[[optax.Schedule, int], np.ndarray]:
   """``run_seed(schedule, seed)`` for :func:`controlled.lr_sweep`: one variant on one instance."""
   variant = VARIANTS[name]
 
   def run_seed(schedule: optax.Schedule, seed: int) -> np.ndarray:
-    params, w_loss = controlled.PROBLEMS[problem](seed)
+    params, w_loss = controlled.PROBLEMS[problem](seed, **(dims or {}))
     offset = 0.0
     if variant.balanced_init:
       params, offset = balance(params, seed)
@@ -91,16 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
       "--problems", nargs="+", default=list(controlled.PROBLEMS), choices=list(controlled.PROBLEMS)
   )
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--target", type=float, default=1e-3)
+  controlled.add_size_arguments(parser)
   parser.add_argument("--grid", type=float, nargs="+", default=list(controlled.GRID))
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/ablations"))
   args = parser.parse_args(argv)
+  dims = controlled.apply_size(args)
   jobs = [(p, v) for p in args.problems for v in args.variants]
   results: dict[str, dict] = {}
   for problem, name in tqdm(jobs, desc="ablations"):
-    run_seed = runner(problem, name, args.steps)
+    run_seed = runner(problem, name, args.steps, dims)
     results.setdefault(problem, {})[name] = controlled.lr_sweep(
         run_seed, args.steps, args.seeds, args.target, tuple(args.grid)
     )
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
   controlled.write_json(
       results,
       args.out / "ablations.json",
+      size=args.size,
+      dims=dims,
       steps=args.steps,
       seeds=args.seeds,
       target=args.target,

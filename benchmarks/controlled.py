@@ -12,7 +12,8 @@ peak-lr grid and the same seeds. Reported, at each method's best lr (lowest
 median final loss): the final loss relative to the initial one, and the steps
 to reach ``--target`` of it::
 
-  python -m benchmarks.controlled                      # everything, CPU-sized
+  python -m benchmarks.controlled                      # everything, CPU-sized (32 x 24, rank 4)
+  python -m benchmarks.controlled --size gpu           # 256 x 192, rank 8, 2000 steps, 5 seeds
   python -m benchmarks.controlled --problems matrix_sensing --optimizers adamw adaprelora
 
 Results go to ``--out``: ``controlled.json`` and ``controlled.png``.
@@ -51,10 +52,11 @@ def _lora_init(rng: np.random.Generator, m: int, n: int, rank: int) -> dict:
 
 
 def lora_regression(
-    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 256
+    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int | None = None
 ) -> tuple[dict, WLoss]:
-  """Initial LoRA params and the loss (of ``ΔW``) of one regression instance."""
+  """Initial LoRA params and the loss (of ``ΔW``) of one regression instance (``8 m`` samples)."""
   rng = np.random.default_rng(seed)
+  samples = samples or 8 * m
   x = rng.normal(size=(samples, m)) * np.logspace(0, -2, m)
   target = rng.normal(size=(m, 2)) @ rng.normal(size=(2, n))
   params = _lora_init(rng, m, n, rank)
@@ -63,10 +65,11 @@ def lora_regression(
 
 
 def matrix_sensing(
-    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int = 512
+    seed: int, m: int = 32, n: int = 24, rank: int = 4, samples: int | None = None
 ) -> tuple[dict, WLoss]:
-  """Initial LoRA params and the loss (of ``ΔW``) of one matrix-sensing instance."""
+  """Initial LoRA params and the loss (of ``ΔW``) of one matrix-sensing instance (``16 m`` samples)."""
   rng = np.random.default_rng(seed)
+  samples = samples or 16 * m
   sensing = (
       np.logspace(0, -1, m)[:, None]
       * rng.normal(size=(samples, m, n))
@@ -83,6 +86,13 @@ PROBLEMS: dict[str, Problem] = {
     "lora_regression": lora_regression,
     "matrix_sensing": matrix_sensing,
 }
+
+SIZES = {
+    "cpu": dict(dims=dict(m=32, n=24, rank=4), steps=400, seeds=3),
+    # 4096 sensing matrices of 256 x 192: 0.8 GB of f32 on the device.
+    "gpu": dict(dims=dict(m=256, n=192, rank=8), steps=2000, seeds=5),
+}
+"""Problem dimensions, steps and seeds of each ``--size``; ``--steps`` / ``--seeds`` override."""
 
 
 def train(
@@ -155,12 +165,13 @@ def sweep(
     target: float,
     grid: tuple[float, ...] = GRID,
     progress: bool = True,
+    dims: dict[str, int] | None = None,
 ) -> dict:
-  """:func:`lr_sweep` of every named family member on ``problem``."""
+  """:func:`lr_sweep` of every named family member on ``problem`` (of size ``dims``)."""
 
   def runner(name: str) -> Callable[[optax.Schedule, int], np.ndarray]:
     def run_seed(schedule: optax.Schedule, seed: int) -> np.ndarray:
-      params, w_loss = PROBLEMS[problem](seed)
+      params, w_loss = PROBLEMS[problem](seed, **(dims or {}))
       return train(family.FAMILY[name](schedule, 0.0), params, w_loss, steps)
 
     return run_seed
@@ -183,7 +194,7 @@ def report(results: dict, steps: int, target: float) -> str:
   for problem, by_name in results.items():
     lines += [
         f"\n{problem}: final/initial loss (median [min, max] over seeds) and steps to {target:g}, "
-        f"best of {len(GRID)} peak lrs, {steps} steps",
+        f"best of {len(next(iter(by_name.values())))} peak lrs, {steps} steps",
         "| optimizer | best lr | final / initial | steps to target (per seed) |",
         "|---|---|---|---|",
     ]
@@ -228,21 +239,40 @@ def write_json(results: dict, path: pathlib.Path, **meta: Any) -> None:
   path.write_text(json.dumps(dict(**meta, results=serialisable)))
 
 
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--size``, ``--steps``, ``--seeds`` and ``--target``, shared with the ablations."""
+  parser.add_argument("--size", choices=list(SIZES), default="cpu")
+  parser.add_argument("--steps", type=int, help="default: by --size")
+  parser.add_argument("--seeds", type=int, help="default: by --size")
+  parser.add_argument("--target", type=float, default=1e-3)
+
+
+def apply_size(args: argparse.Namespace) -> dict[str, int]:
+  """Fills ``args.steps`` / ``args.seeds`` from ``--size``; returns the problem dimensions."""
+  size = SIZES[args.size]
+  args.steps = args.steps or size["steps"]
+  args.seeds = args.seeds or size["seeds"]
+  return size["dims"]
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
   parser.add_argument("--optimizers", nargs="+", help=f"default: all of {list(family.FAMILY)}")
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--target", type=float, default=1e-3)
+  add_size_arguments(parser)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/controlled"))
   args = parser.parse_args(argv)
+  dims = apply_size(args)
   names = list(family.select(args.optimizers))
-  results = {p: sweep(p, names, args.steps, args.seeds, args.target) for p in args.problems}
+  results = {
+      p: sweep(p, names, args.steps, args.seeds, args.target, dims=dims) for p in args.problems
+  }
   print(report(results, args.steps, args.target))
   write_json(
       results,
       args.out / "controlled.json",
+      size=args.size,
+      dims=dims,
       steps=args.steps,
       seeds=args.seeds,
       target=args.target,

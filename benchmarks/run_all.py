@@ -18,12 +18,12 @@ import subprocess
 import sys
 
 BENCHMARKS: dict[str, list[str]] = {
-    "controlled": [],
-    "ablations": [],
+    "controlled": ["--size"],
+    "ablations": ["--size"],
     "compile_time": [],
     "update_cost": ["--size"],
     "full_stats_cost": [],
-    "finetune": ["--sweep"],
+    "finetune": ["--sweep", "--size"],
     "causal_lm": ["--size"],
 }
 """Module name in ``benchmarks`` -> its extra arguments (``--size`` gets the chosen size)."""

@@ -87,3 +87,33 @@ def test_run_all_covers_every_benchmark_with_arguments_they_accept(monkeypatch):
       importlib.import_module(command[2]).main(command[3:])
     if "--size" in command:
       assert parsed.value.namespace.size == "gpu"
+
+
+def test_gpu_size_enlarges_the_controlled_problems(tmp_path, monkeypatch):
+  shapes = []
+  problem = controlled.PROBLEMS["lora_regression"]
+
+  def spy(seed, **dims):
+    params, w_loss = problem(seed, **dims)
+    shapes.append((params["lora_a"].shape, params["lora_b"].shape))
+    return params, w_loss
+
+  monkeypatch.setitem(controlled.PROBLEMS, "lora_regression", spy)
+  argv = ["--size", "gpu", "--problems", "lora_regression", "--steps", "2", "--seeds", "1"]
+  controlled.main([*argv, "--optimizers", "adamw", "--out", str(tmp_path / "c")])
+  ablations.main([*argv, "--variants", "default", "--grid", "0.1", "--out", str(tmp_path / "a")])
+  m, n, rank = (controlled.SIZES["gpu"]["dims"][k] for k in ("m", "n", "rank"))
+  assert set(shapes) == {((m, rank), (rank, n))} and m > controlled.SIZES["cpu"]["dims"]["m"]
+  for name in ("c/controlled.json", "a/ablations.json"):
+    saved = json.loads((tmp_path / name).read_text())
+    gpu = controlled.SIZES["gpu"]["dims"]
+    assert (saved["size"], saved["dims"], saved["steps"]) == ("gpu", gpu, 2)
+
+
+def test_finetune_size_sets_defaults_that_flags_override():
+  from benchmarks import finetune
+
+  gpu = finetune.parse_args(["--size", "gpu", "--sweep"])
+  assert vars(gpu).items() >= finetune.SIZES["gpu_sweep"].items()
+  cpu = finetune.parse_args(["--steps", "7"])
+  assert (cpu.steps, cpu.batch) == (7, finetune.SIZES["cpu"]["batch"])
