@@ -16,6 +16,7 @@ StableHLO) and ``compile`` (XLA) are timed separately, each the minimum over
 compare on a shared machine); ``optax.adamw`` is the reference::
 
   python -m benchmarks.compile_time                        # L = 4, 8, 16, 32
+  python -m benchmarks.compile_time --size gpu             # and L = 64
   python -m benchmarks.compile_time --layers 4 8 --optimizers adaprelora
 
 Prints a table and writes ``compile_time.json`` to ``--out``.
@@ -123,9 +124,14 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+LAYERS = {"cpu": [4, 8, 16, 32], "gpu": [4, 8, 16, 32, 64]}
+"""Depths of each ``--size`` (a GPU compiles more per kernel; 64 layers is a 70B-class depth)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
+  parser.add_argument("--size", choices=list(LAYERS), default="cpu")
+  parser.add_argument("--layers", type=int, nargs="+", help="default: by --size")
   parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                       choices=list(OPTIMIZERS))
   parser.add_argument("--layouts", nargs="+", default=["unscanned", "stacked"],
@@ -133,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
   args = parser.parse_args(argv)
+  args.layers = args.layers or LAYERS[args.size]
   rows = measure(args.layers, args.optimizers, args.layouts, args.repeats)
   print(table(rows))
   args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ for), ``float32``:
 ::
 
   python -m benchmarks.full_stats_cost                     # N=2048, 1024×1024, r=16
+  python -m benchmarks.full_stats_cost --size gpu          # N up to 32768, 4096×4096, 8 layers
   python -m benchmarks.full_stats_cost --tokens 128 512 2048 --repeats 40
 """
 
@@ -117,17 +118,28 @@ def scan_memory(tokens: int, width: int, rank: int, depth: int,
   return out
 
 
+SIZES = {
+    "cpu": dict(tokens=[2048], features=1024, layers=4),
+    "gpu": dict(tokens=[2048, 8192, 32768], features=4096, layers=8),
+}
+"""Defaults of each ``--size``; any flag given overrides its entry."""
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tokens", type=int, nargs="+", default=[2048],
+  parser.add_argument("--size", choices=list(SIZES), default="cpu")
+  parser.add_argument("--tokens", type=int, nargs="+",
                       help="N = batch · seq of the timing table")
-  parser.add_argument("--features", type=int, default=1024, help="m = n")
+  parser.add_argument("--features", type=int, help="m = n")
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--layers", type=int, default=4, help="depth of the scanned stack")
+  parser.add_argument("--layers", type=int, help="depth of the scanned stack")
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                       choices=list(VARIANTS))
   args = parser.parse_args(argv)
+  for key, value in SIZES[args.size].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
   names = ["nnx.LoRALinear"] + [v for v in args.variants if v != "nnx.LoRALinear"]
   d, r = args.features, args.rank
   print(f"device: {jax.devices()[0].device_kind}; {d}×{d} kernel, r={r}, "

@@ -1,7 +1,7 @@
 """Regenerates every benchmark result, one after another, into ``--out``::
 
   python -m benchmarks.run_all                 # CPU sizes: several hours on 2 cores
-  python -m benchmarks.run_all --size gpu      # GPU sizes where a benchmark has them
+  python -m benchmarks.run_all --size gpu      # every benchmark at its GPU size
   python -m benchmarks.run_all --only controlled ablations --dry-run
 
 Each benchmark runs in its own process (a fresh JAX runtime, so one
@@ -18,15 +18,15 @@ import subprocess
 import sys
 
 BENCHMARKS: dict[str, list[str]] = {
-    "controlled": ["--size"],
-    "ablations": ["--size"],
+    "controlled": [],
+    "ablations": [],
     "compile_time": [],
-    "update_cost": ["--size"],
+    "update_cost": [],
     "full_stats_cost": [],
-    "finetune": ["--sweep", "--size"],
-    "causal_lm": ["--size"],
+    "finetune": ["--sweep"],
+    "causal_lm": [],
 }
-"""Module name in ``benchmarks`` -> its extra arguments (``--size`` gets the chosen size)."""
+"""Module name in ``benchmarks`` -> its arguments besides ``--size`` and ``--out``."""
 
 PRINT_ONLY = ("full_stats_cost",)
 """Benchmarks that print their table and write no files (no ``--out``)."""
@@ -40,7 +40,7 @@ def commands(size: str, out: pathlib.Path, only: list[str] | None) -> list[list[
     raise SystemExit(f"unknown benchmarks {unknown}; choose from {sorted(BENCHMARKS)}")
   runs = []
   for name in selected:
-    extra = [a for arg in BENCHMARKS[name] for a in ((arg, size) if arg == "--size" else (arg,))]
+    extra = [*BENCHMARKS[name], "--size", size]
     if name not in PRINT_ONLY:
       extra += ["--out", str(out / name)]
     runs.append([sys.executable, "-m", f"benchmarks.{name}", *extra])

@@ -85,8 +85,7 @@ def test_run_all_covers_every_benchmark_with_arguments_they_accept(monkeypatch):
   for command in commands:
     with pytest.raises(_Parsed) as parsed:
       importlib.import_module(command[2]).main(command[3:])
-    if "--size" in command:
-      assert parsed.value.namespace.size == "gpu"
+    assert parsed.value.namespace.size == "gpu"
 
 
 def test_gpu_size_enlarges_the_controlled_problems(tmp_path, monkeypatch):
