@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 extras="bench"
 [ "${1:-main}" = "test" ] && extras="bench,test"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  -c scripts/constraints.txt -e ".[${extras}]"
 .venv/bin/python -m benchmarks.assets
