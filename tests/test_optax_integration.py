@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from adaprelora_jax import WeightStats, adaprelora, baselines, scale_by_adaprelora
+from adaprelora_jax import WeightStats, adaprelora, baselines
 
 EVERY_OPTIMIZER = pytest.mark.parametrize(
     "make",
