@@ -323,3 +323,47 @@ def regression_batch(seed: int, d: int, batch: int = 32) -> tuple[Array, Array]:
   teacher = np.random.default_rng(99).normal(size=(d, d)) / np.sqrt(d)
   x = np.random.default_rng(seed).normal(size=(batch, d))
   return jnp.asarray(x, jnp.float32), jnp.asarray(np.tanh(x @ teacher), jnp.float32)
+
+
+# ---------------------------------------------------------------- shared by the end-to-end tests
+
+FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
+D = 32  # every model's width, so that their small eager compiles are shared
+
+
+def lm_loss(model: nnx.Module, tokens: Array, targets: Array) -> Array:
+  return cross_entropy(model(tokens), targets)
+
+
+TOKENS = [token_batch(seed) for seed in range(12)]
+"""Twelve ``(tokens, targets)`` batches for :class:`TinyLM`, one per step."""
+
+
+def snapshot(tree: Any) -> Any:
+  """A host copy of ``tree``, unaffected by later in-place updates of the model."""
+  return jax.tree.map(np.array, tree)
+
+
+def assert_trees_equal(x: Any, y: Any) -> None:
+  jax.tree.map(np.testing.assert_array_equal, x, y)
+
+
+def assert_learned(losses: list[float], factor: float = 0.8) -> None:
+  """Each loss is on a new batch, before the step that uses it: a held-out loss."""
+  assert np.mean(losses[-3:]) < factor * losses[0], losses
+
+
+def train_nnx(model: nnx.Module, tx, loss_fn, batches) -> tuple[nnx.Optimizer, list[float], list]:
+  """``nnx.Optimizer`` steps on the LoRA params: ``(optimizer, losses, grads)``."""
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def step(model, optimizer, *batch):
+    loss, grads = nnx.value_and_grad(
+        lambda m: loss_fn(m, *batch), argnums=nnx.DiffState(0, nnx.LoRAParam)
+    )(model)
+    optimizer.update(model, grads)
+    return loss, grads
+
+  losses, grads = zip(*(step(model, optimizer, *batch) for batch in batches))
+  return optimizer, [float(x) for x in losses], list(grads)

@@ -20,48 +20,21 @@ from adaprelora_jax import adaprelora, lora_pairs
 from benchmarks import compile_time
 
 import flax_models as fm
-
-FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
-TOKENS = [fm.token_batch(seed) for seed in range(12)]
-D = 32  # every model's width, so that their small eager compiles are shared
-
-
-def _snapshot(tree):
-  return jax.tree.map(np.array, tree)
-
-
-def _assert_trees_equal(x, y):
-  jax.tree.map(np.testing.assert_array_equal, x, y)
-
-
-def _assert_learned(losses, factor=0.8):
-  """Each loss is on a new batch, before the step that uses it: a held-out loss."""
-  assert np.mean(losses[-3:]) < factor * losses[0], losses
+from flax_models import (
+    D,
+    FROZEN,
+    TOKENS,
+    assert_learned,
+    assert_trees_equal,
+    lm_loss,
+    snapshot,
+    train_nnx,
+)
 
 
 def _pair_shapes(tree):
   """``{key: (batch, in, out, rank)}`` as the pairing reads ``tree``."""
   return {p.key: (p.batch_shape, p.in_shape, p.out_shape, p.rank) for p in lora_pairs(tree).pairs}
-
-
-def _train_nnx(model, tx, loss_fn, batches):
-  """``nnx.Optimizer`` steps on the LoRA params: ``(optimizer, losses, grads)``."""
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-
-  @nnx.jit
-  def step(model, optimizer, *batch):
-    loss, grads = nnx.value_and_grad(
-        lambda m: loss_fn(m, *batch), argnums=nnx.DiffState(0, nnx.LoRAParam)
-    )(model)
-    optimizer.update(model, grads)
-    return loss, grads
-
-  losses, grads = zip(*(step(model, optimizer, *batch) for batch in batches))
-  return optimizer, [float(x) for x in losses], list(grads)
-
-
-def _lm_loss(model, tokens, targets):
-  return fm.cross_entropy(model(tokens), targets)
 
 
 def test_nnx_transformer_with_nnx_lora():
@@ -75,13 +48,13 @@ def test_nnx_transformer_with_nnx_lora():
         f"blocks/{i}/down/lora": ((), (64,), (D,), 4),
     }
   assert _pair_shapes(nnx.state(model, nnx.LoRAParam)) == want
-  frozen = _snapshot(nnx.state(model, FROZEN))
+  frozen = snapshot(nnx.state(model, FROZEN))
 
-  optimizer, losses, _ = _train_nnx(model, adaprelora(3e-2), _lm_loss, TOKENS)
+  optimizer, losses, _ = train_nnx(model, adaprelora(3e-2), lm_loss, TOKENS)
 
   assert set(optimizer.opt_state[0].pairs) == set(want)
-  _assert_learned(losses)
-  _assert_trees_equal(nnx.state(model, FROZEN), frozen)
+  assert_learned(losses)
+  assert_trees_equal(nnx.state(model, FROZEN), frozen)
 
 
 def _submodule(model, path):
@@ -122,15 +95,15 @@ def test_qwix_lora_provider_on_einsum_and_linear_layers():
   tokens = TOKENS[0][0]
   np.testing.assert_allclose(model(tokens), reference(tokens), rtol=1e-4, atol=1e-5)
 
-  frozen = _snapshot(nnx.state(model, FROZEN))
-  optimizer, losses, _ = _train_nnx(
-      model, adaprelora(3e-2, lora_scale=alpha / rank), _lm_loss, TOKENS
+  frozen = snapshot(nnx.state(model, FROZEN))
+  optimizer, losses, _ = train_nnx(
+      model, adaprelora(3e-2, lora_scale=alpha / rank), lm_loss, TOKENS
   )
   assert set(optimizer.opt_state[0].pairs) == set(want)
   q = optimizer.opt_state[0].pairs["blocks/0/q/kernel"]
   assert (q.v_row.shape, q.v_col.shape) == ((D,), (4 * 8,))
-  _assert_learned(losses)
-  _assert_trees_equal(nnx.state(model, FROZEN), frozen)
+  assert_learned(losses)
+  assert_trees_equal(nnx.state(model, FROZEN), frozen)
 
 
 def test_gemma_peft_tree_with_an_optax_loop():
@@ -163,7 +136,7 @@ def test_gemma_peft_tree_with_an_optax_loop():
   for batch in TOKENS:
     lora, state, value = step(lora, state, *batch)
     losses.append(float(value))
-  _assert_learned(losses)
+  assert_learned(losses)
 
 
 def _classification_batch(seed, classes=4, batch=64):
@@ -214,12 +187,12 @@ def test_linen_lora_dense_with_init_apply_and_multi_transform():
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  initial = _snapshot(params)
+  initial = snapshot(params)
   params, state, losses, _ = _train_linen(tx, loss, params, batches)
 
   # the head goes to the fallback, the frozen kernels are masked out
   assert set(state.inner_states["train"].inner_state[0].pairs) == {"fc1", "fc2"}
-  _assert_learned(losses, 0.7)
+  assert_learned(losses, 0.7)
   for layer in ("fc1", "fc2"):
     for name in ("kernel", "bias"):
       np.testing.assert_array_equal(params[layer][name], initial[layer][name])
@@ -255,19 +228,19 @@ def test_nnx_vmap_created_scan_applied_stack():
       "blocks/fc1/lora": ((layers,), (D,), (2 * D,), 4),
       "blocks/fc2/lora": ((layers,), (2 * D,), (D,), 4),
   }
-  initial = _snapshot(nnx.to_pure_dict(lora))
-  frozen = _snapshot(nnx.state(model, FROZEN))
+  initial = snapshot(nnx.to_pure_dict(lora))
+  frozen = snapshot(nnx.state(model, FROZEN))
   tx = adaprelora(1e-2, b1=0.9)
 
-  optimizer, losses, grads = _train_nnx(
+  optimizer, losses, grads = train_nnx(
       model,
       tx,
       lambda m, x, y: jnp.mean((m(x) - y) ** 2),
       [fm.regression_batch(seed, D) for seed in range(10)],
   )
 
-  _assert_learned(losses)
-  _assert_trees_equal(nnx.state(model, FROZEN), frozen)
+  assert_learned(losses)
+  assert_trees_equal(nnx.state(model, FROZEN), frozen)
   state = optimizer.opt_state[0].pairs["blocks/fc1/lora"]
   assert state.v_row.shape == (layers, D) and state.mu_b.shape == (layers, 4, 2 * D)
   _assert_stacked_equals_per_layer(
@@ -293,7 +266,7 @@ def test_linen_nn_scan_stack():
 
   params, _, losses, grads = _train_linen(tx, loss, initial, batches)
 
-  _assert_learned(losses)
+  assert_learned(losses)
   np.testing.assert_array_equal(params["blocks"]["fc"]["kernel"], initial["blocks"]["fc"]["kernel"])
   _assert_stacked_equals_per_layer(tx, initial, grads, params, layers)
 

@@ -16,27 +16,27 @@ from tunix.sft import peft_trainer
 from adaprelora_jax import PairState, adaprelora
 
 import flax_models as fm
-from test_flax_models import (
+from flax_models import (
     D,
     FROZEN,
     TOKENS,
-    _assert_learned,
-    _assert_trees_equal,
-    _lm_loss,
-    _snapshot,
-    _train_nnx,
+    assert_learned,
+    assert_trees_equal,
+    lm_loss,
+    snapshot,
+    train_nnx,
 )
 
 
 def test_readme_snippet_peft_trainer_matches_an_nnx_optimizer_loop():
   model = fm.TinyLM(d=D, lora_rank=4, rngs=fm.rngs(0))
   reference = nnx.clone(model)
-  frozen = _snapshot(nnx.state(model, FROZEN))
+  frozen = snapshot(nnx.state(model, FROZEN))
   batches = [{"tokens": x, "targets": y} for x, y in TOKENS]
 
   # README "Using with Tunix" begins
   config = peft_trainer.TrainingConfig(eval_every_n_steps=len(batches), max_steps=len(batches))
-  trainer = peft_trainer.PeftTrainer(model, adaprelora(3e-2), config).with_loss_fn(_lm_loss)
+  trainer = peft_trainer.PeftTrainer(model, adaprelora(3e-2), config).with_loss_fn(lm_loss)
   trainer.train(batches)  # batches: dicts of the loss's keyword arguments
   pairs = trainer.optimizer.opt_state[0].pairs  # one PairState per LoRA pair
   # README "Using with Tunix" ends
@@ -50,12 +50,12 @@ def test_readme_snippet_peft_trainer_matches_an_nnx_optimizer_loop():
   assert all(isinstance(state, PairState) for state in pairs.values())
   assert int(trainer.optimizer.opt_state[0].count) == len(batches)
   losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
-  _assert_learned(list(losses))
-  _assert_trees_equal(nnx.state(model, FROZEN), frozen)
+  assert_learned(list(losses))
+  assert_trees_equal(nnx.state(model, FROZEN), frozen)
 
   # The same jitted ops on the same batches (Tunix's extra gradient norm is an
   # output, not an input of the update): equal bit for bit.
-  optimizer, ref_losses, _ = _train_nnx(reference, adaprelora(3e-2), _lm_loss, TOKENS)
+  optimizer, ref_losses, _ = train_nnx(reference, adaprelora(3e-2), lm_loss, TOKENS)
   np.testing.assert_array_equal(losses, ref_losses)
-  _assert_trees_equal(nnx.state(model), nnx.state(reference))
-  _assert_trees_equal(nnx.state(trainer.optimizer), nnx.state(optimizer))
+  assert_trees_equal(nnx.state(model), nnx.state(reference))
+  assert_trees_equal(nnx.state(trainer.optimizer), nnx.state(optimizer))
