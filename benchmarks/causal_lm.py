@@ -61,6 +61,7 @@ from benchmarks.fortunes import (
     read_fortunes,
     split_categories,
 )
+from benchmarks.sizes import fill_defaults
 from benchmarks.smollm2 import TRAINABLE, lm_loss, load_smollm2
 
 WEIGHT_DECAY = 0.01  # the same decoupled decay, on every adapter, for every optimizer
@@ -341,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=Path, default=Path("benchmarks/out/causal_lm"))
   args = parser.parse_args(argv)
-  for key, value in SIZES[args.size].items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  fill_defaults(args, SIZES[args.size])
   factories = select(args.optimizers)
   grid = lambda name: args.lrs or (CPU_GRIDS[name] if args.size == "cpu" else GRID)
 

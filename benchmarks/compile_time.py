@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import adaprelora
+from benchmarks.sizes import fill_defaults
 
 Layout = Literal["unscanned", "stacked"]
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out"))
   args = parser.parse_args(argv)
-  args.layers = args.layers or LAYERS[args.size]
+  fill_defaults(args, dict(layers=LAYERS[args.size]))
   rows = measure(args.layers, args.optimizers, args.layouts, args.repeats)
   print(table(rows))
   args.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from adaprelora_jax import WeightStats
 from benchmarks import family
+from benchmarks.sizes import fill_defaults
 
 WLoss = Callable[[jax.Array], jax.Array]
 """A problem's loss as a function of the adapter's product ``ΔW = A B``."""
@@ -250,8 +251,7 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_size(args: argparse.Namespace) -> dict[str, int]:
   """Fills ``args.steps`` / ``args.seeds`` from ``--size``; returns the problem dimensions."""
   size = SIZES[args.size]
-  args.steps = args.steps or size["steps"]
-  args.seeds = args.seeds or size["seeds"]
+  fill_defaults(args, dict(steps=size["steps"], seeds=size["seeds"]))
   return size["dims"]
 
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from adaprelora_jax import adaprelora, scale_by_adaprelora, with_weight_stats
 from benchmarks.family import FAMILY, eval_schedule, warmup_cosine, warmup_steps
 from benchmarks.minilm import TRAINABLE, EncoderClassifier, Frozen, load_minilm
+from benchmarks.sizes import fill_defaults
 from benchmarks.wordnet import NOUN_LEXNAMES, Split, load_wordnet_nouns
 
 Factory = Callable[[optax.Schedule], optax.GradientTransformation]
@@ -771,9 +772,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--out", type=Path, default=Path("benchmarks/out/finetune"))
   args = parser.parse_args(argv)
-  for key, value in SIZES[args.size + ("_sweep" if args.sweep else "")].items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  fill_defaults(args, SIZES[args.size + ("_sweep" if args.sweep else "")])
   return args
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from adaprelora_jax.flax_layers import LoRALinearWithStats, WeightStatsVar
+from benchmarks.sizes import fill_defaults
 
 # name -> (stats_method, or None for nnx.LoRALinear; whether the statistics are asked for)
 VARIANTS = {
@@ -137,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                       choices=list(VARIANTS))
   args = parser.parse_args(argv)
-  for key, value in SIZES[args.size].items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  fill_defaults(args, SIZES[args.size])
   names = ["nnx.LoRALinear"] + [v for v in args.variants if v != "nnx.LoRALinear"]
   d, r = args.features, args.rank
   print(f"device: {jax.devices()[0].device_kind}; {d}×{d} kernel, r={r}, "
