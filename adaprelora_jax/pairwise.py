@@ -10,6 +10,8 @@ this module, which turns the rule into an Optax transformation:
   every unscanned layer (pair keys equal up to layer numbers), are solved
   with one ``vmap``, so the traced program does not grow with depth;
 * the rule computes in float32, or wider if the factors are;
+* a rule may ask for its groups to be solved in chunks, one after another
+  (``chunk_bytes``), which bounds the update's live temporaries;
 * every other leaf goes to a fallback transformation;
 * the update checks the tree and the state and names the offending leaves.
 
@@ -144,18 +146,41 @@ def _own_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tuple
   return (pair.key,)
 
 
+def _input_bytes(factors: tuple[Array, ...], state: PyTree) -> int:
+  """Bytes of a pair's factors, gradients and state, as its rule computes with them."""
+  itemsize = jnp.dtype(compute_dtype(*(x.dtype for x in factors))).itemsize
+  return sum(x.size for x in (*factors, *jax.tree.leaves(state))) * itemsize
+
+
+def _zero_after(arrays: list[Array]) -> Array:
+  """A float32 ``0.0`` that XLA can only compute once ``arrays`` exist.
+
+  Adding it to an input orders that input's consumers after ``arrays``'
+  producers. ``lax.optimization_barrier`` would say the same, but XLA's CPU
+  pipeline drops barriers before scheduling. The value is exactly zero
+  whatever ``arrays`` hold, NaN and Inf included, so no pair's values reach
+  another's.
+  """
+  total = sum(jnp.sum(x) for x in arrays)
+  return jnp.isnan(total).astype(jnp.float32) * 0.0
+
+
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
                  factors: list[tuple[Array, Array, Array, Array]],
-                 states: list[PyTree], extras: list[PyTree], count: Array
-                 ) -> list[tuple[Array, Array, PyTree]]:
+                 states: list[PyTree], extras: list[PyTree], count: Array,
+                 after: Array | None = None) -> list[tuple[Array, Array, PyTree]]:
   """Runs ``slice_update`` on every batch slice of same-shaped pairs with a single vmap.
 
   Each pair's batch axes are flattened and the pairs joined along them;
   ``(delta_a, delta_b, state)`` come back per pair with its batch axes.
+  ``after``, a :func:`_zero_after` zero, is added to every factor before
+  the join, which holds the whole group back until it is computed.
   """
   dtype = compute_dtype(*(x.dtype for x in factors[0]))
   m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
   slice_shapes = ((m, r), (r, n), (m, r), (r, n))
+  if after is not None:
+    factors = [tuple(x + after.astype(x.dtype) for x in f) for f in factors]
   joined = [jnp.concatenate([f[k].astype(dtype).reshape(-1, *slice_shapes[k]) for f in factors])
             for k in range(4)]
 
@@ -190,6 +215,7 @@ def pairwise_transformation(
     pair_extras: PairExtras | None = None,
     state_type: Callable[..., NamedTuple] = PairwiseState,
     join_layers: bool = True,
+    chunk_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An Optax transformation that applies a per-slice rule to every LoRA pair.
 
@@ -207,6 +233,17 @@ def pairwise_transformation(
       ``vmap``, which keeps compile time flat in depth for rules with ``r × r``
       algebra. Joining copies the pairs' inputs and state, so an element-wise
       rule, cheap to compile and memory-bound, is faster without it.
+    chunk_bytes: solve the groups (pairs, or joined projections) in chunks of
+      about this many bytes of factors, gradients and state (in the compute
+      dtype), one chunk after another; ``None`` for all at once. XLA runs
+      independent groups side by side and keeps all their temporaries live,
+      so a rule with several ``(m, r)`` temporaries per slice needs
+      temporary memory growing with depth, and on CPU, which allocates the
+      temporaries afresh on every call once they pass a few tens of MiB,
+      time growing faster than depth. In chunks, one chunk's temporaries
+      are live at a time, while the groups within a chunk still overlap.
+      Each chunk boundary sums the previous chunk's updates (a scalar
+      all-reduce when they are sharded).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -245,12 +282,18 @@ def pairwise_transformation(
       factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
                       for i in (pair.a_index, pair.b_index))
       groups[group_key(pair, factors, extras.get(pair.key))].append((pair, factors))
-    new_pairs = {}
+    new_pairs, after, chunk, filled = {}, None, [], 0
     for members in groups.values():
       group = [pair for pair, _ in members]
+      size = sum(_input_bytes(factors, state.pairs[pair.key]) for pair, factors in members)
+      if chunk_bytes is not None and chunk and filled + size > chunk_bytes:
+        after, chunk, filled = _zero_after(chunk), [], 0
+      filled += size
       solved = _solve_group(slice_update, group, [factors for _, factors in members],
                             [state.pairs[pair.key] for pair in group],
-                            [extras.get(pair.key) for pair in group], state.count)
+                            [extras.get(pair.key) for pair in group], state.count, after)
+      if chunk_bytes is not None:
+        chunk += [delta for out in solved for delta in out[:2]]
       for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
         for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
           new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(

@@ -17,6 +17,13 @@ from adaprelora_jax.pairwise import pairwise_transformation
 Array = jax.Array
 Statistics = Literal["auto", "tangent", "full"]
 
+# The update holds about 1.5× its inputs in temporaries. Chunks of 12 MiB of
+# factors, gradients and state (one layer of 7B shapes at r = 16) keep them
+# under the 32 MiB above which glibc maps every call's buffer afresh, and
+# leave several pairs per chunk for XLA to overlap (benchmarks/RESULTS.md,
+# "Where the time goes").
+_CHUNK_BYTES = 12 * 2**20
+
 
 class WeightStats(NamedTuple):
   """Mean squares of the full W-gradient ``G`` of one pair (SPEC §4 ``full``).
@@ -216,4 +223,4 @@ def scale_by_adaprelora(
       "scale_by_adaprelora", slice_init, slice_update,
       fallback=optax.scale_by_adam() if fallback is None else fallback,
       pairing=pairing, pair_extras=pair_extras,
-      state_type=ScaleByAdaPreLoRAState)
+      state_type=ScaleByAdaPreLoRAState, chunk_bytes=_CHUNK_BYTES)
