@@ -108,6 +108,46 @@ def stacked_gram(x: Array, y: Array) -> Array:
   return jnp.block([[x.T @ x, xy], [xy.T, y.T @ y]])
 
 
+class SliceGrams(NamedTuple):
+  """The Grams a slice's update is assembled from, and the frames they give.
+
+  Attributes:
+    m: ``[A, grad_a]ᵀ[A, grad_a]`` (:func:`stacked_gram`), ``2r × 2r``.
+    n: ``[B; grad_b][B; grad_b]ᵀ``, ``2r × 2r``.
+    frames: the :class:`Frames` of ``AᵀA`` and ``BBᵀ``.
+  """
+
+  m: Array
+  n: Array
+  frames: Frames
+
+  @property
+  def gram_a(self) -> Array:  # AᵀA
+    return self.m[:self.rank, :self.rank]
+
+  @property
+  def gram_b(self) -> Array:  # BBᵀ
+    return self.n[:self.rank, :self.rank]
+
+  @property
+  def a_grad_a(self) -> Array:  # Aᵀ grad_a
+    return self.m[:self.rank, self.rank:]
+
+  @property
+  def rank(self) -> int:
+    return self.m.shape[-1] // 2
+
+
+def slice_grams(a, b, grad_a, grad_b, damping: Array | float,
+                scale: Array | float) -> SliceGrams:
+  """:class:`SliceGrams` of one slice, from its factors and factor gradients."""
+  gram_m = stacked_gram(a, grad_a)
+  gram_n = stacked_gram(b.T, grad_b.T)
+  r = a.shape[1]
+  return SliceGrams(gram_m, gram_n,
+                    frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale))
+
+
 def _row_quadratic_forms(x: Array, y: Array, form: Array) -> Array:
   """``diag([x, y] form [x, y]ᵀ)`` for a symmetric ``2r × 2r`` ``form``.
 
@@ -119,26 +159,24 @@ def _row_quadratic_forms(x: Array, y: Array, form: Array) -> Array:
   return jnp.sum(x * (x @ form[:r, :r] + mixed[:, :r]) + y * mixed[:, r:], axis=1)
 
 
-def tangent_mean_squares(a, b, grad_a, grad_b, fr: Frames, a_grad_a: Array,
-                         gram_m: Array, gram_n: Array) -> tuple[Array, Array]:
+def tangent_mean_squares(a, b, grad_a, grad_b, grams: SliceGrams
+                         ) -> tuple[Array, Array]:
   """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``.
 
   ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂`` is ``U C V`` for the stacks
   ``U = [A, grad_a]``, ``V = [B; grad_b]`` and an ``2r × 2r`` ``C``; its row
   and column sums of squares are quadratic forms in ``U`` and ``V`` with
-  the Grams ``gram_m = UᵀU`` and ``gram_n = VVᵀ`` (:func:`stacked_gram`).
-
-  Args:
-    a_grad_a: ``Aᵀ grad_a``.
+  the Grams ``grams.m = UᵀU`` and ``grams.n = VVᵀ``.
   """
-  z = fr.inv_a @ a_grad_a @ fr.to_y  # ÂᵀŶ
+  fr = grams.frames
+  z = fr.inv_a @ grams.a_grad_a @ fr.to_y  # ÂᵀŶ
   c_b_on_a = -fr.inv_a.T @ z @ fr.inv_b   # A (· B)
   c_g_on_a = fr.inv_a.T @ fr.to_x         # A (· grad_b)
   c_b_on_g = fr.to_y @ fr.inv_b           # grad_a (· B)
   zero = jnp.zeros_like(c_b_on_a)
   coef = jnp.block([[c_b_on_a, c_g_on_a], [c_b_on_g, zero]])
-  rows = _row_quadratic_forms(a, grad_a, coef @ gram_n @ coef.T)
-  cols = _row_quadratic_forms(b.T, grad_b.T, coef.T @ gram_m @ coef)
+  rows = _row_quadratic_forms(a, grad_a, coef @ grams.n @ coef.T)
+  cols = _row_quadratic_forms(b.T, grad_b.T, coef.T @ grams.m @ coef)
   # Sums of squares: clamp the rounding error of the quadratic forms at 0.
   return (jnp.maximum(rows, 0.0) / b.shape[1],
           jnp.maximum(cols, 0.0) / a.shape[0])

@@ -114,12 +114,8 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
   def one(a, b, grad_a, grad_b):
-    gram_m = gram.stacked_gram(a, grad_a)
-    gram_n = gram.stacked_gram(b.T, grad_b.T)
-    r = a.shape[1]
-    fr = gram.frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale)
-    return gram.tangent_mean_squares(a, b, grad_a, grad_b, fr,
-                                     gram_m[:r, r:], gram_m, gram_n)
+    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, scale)
+    return gram.tangent_mean_squares(a, b, grad_a, grad_b, grams)
   return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->(m),(n)")(
       a, b, grad_a, grad_b)
 

@@ -172,14 +172,10 @@ def scale_by_adaprelora(
     """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
     mu_y, mu_x = state.mu_a, state.mu_b
     # The m- and n-side Grams that everything below is assembled from.
-    gram_m = gram.stacked_gram(a, grad_a)
-    gram_n = gram.stacked_gram(b.T, grad_b.T)
-    r = a.shape[1]
-    gram_a, gram_b, a_grad_a = gram_m[:r, :r], gram_n[:r, :r], gram_m[:r, r:]
-    fr = gram.frames(gram_a, gram_b, damping, lora_scale)
+    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale)
+    fr, a_grad_a = grams.frames, grams.a_grad_a
     if stats is None:
-      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, fr, a_grad_a,
-                                        gram_m, gram_n)
+      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams)
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
     v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats,
                                           beta, eps)
@@ -194,7 +190,7 @@ def scale_by_adaprelora(
           mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, a.T @ mu_y, b1, count)
       map_a, map_b = lora_scale * fr.root_b.T, lora_scale * fr.root_a
     clipping = (None if clipping_threshold is None else
-                gram.Clipping(clipping_threshold, gram_a, gram_b))
+                gram.Clipping(clipping_threshold, grams.gram_a, grams.gram_b))
     delta_a, delta_b = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a,
                                   row, col, scale=lora_scale, damping=damping,
                                   clipping=clipping)
