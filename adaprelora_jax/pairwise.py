@@ -168,13 +168,17 @@ def _zero_after(arrays: list[Array]) -> Array:
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
                  factors: list[tuple[Array, Array, Array, Array]],
                  states: list[PyTree], extras: list[PyTree], count: Array,
-                 after: Array | None = None) -> list[tuple[Array, Array, PyTree]]:
+                 after: Array | None = None
+                 ) -> tuple[list[tuple[Array, Array, PyTree]], tuple[Array, Array]]:
   """Runs ``slice_update`` on every batch slice of same-shaped pairs with a single vmap.
 
   Each pair's batch axes are flattened and the pairs joined along them;
-  ``(delta_a, delta_b, state)`` come back per pair with its batch axes.
+  ``(delta_a, delta_b, state)`` come back per pair with its batch axes,
+  followed by the joined ``(delta_a, delta_b)`` of the whole group, which a
+  chunk boundary sums as two arrays however many pairs the group holds.
   ``after``, a :func:`_zero_after` zero, is added to every factor before
-  the join, which holds the whole group back until it is computed.
+  the join (XLA fuses it into the join's copy), which holds the whole group
+  back until it is computed.
   """
   dtype = compute_dtype(*(x.dtype for x in factors[0]))
   m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
@@ -202,7 +206,7 @@ def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
       jax.tree.map(lambda x, start=start, size=size, batch=pair.batch_shape:
                    x[start:start + size].reshape(*batch, *x.shape[1:]), out)
       for pair, size, start in zip(pairs, sizes, itertools.accumulate([0, *sizes]))
-  ]
+  ], out[:2]
 
 
 def pairwise_transformation(
@@ -289,11 +293,12 @@ def pairwise_transformation(
       if chunk_bytes is not None and chunk and filled + size > chunk_bytes:
         after, chunk, filled = _zero_after(chunk), [], 0
       filled += size
-      solved = _solve_group(slice_update, group, [factors for _, factors in members],
-                            [state.pairs[pair.key] for pair in group],
-                            [extras.get(pair.key) for pair in group], state.count, after)
+      solved, deltas = _solve_group(
+          slice_update, group, [factors for _, factors in members],
+          [state.pairs[pair.key] for pair in group],
+          [extras.get(pair.key) for pair in group], state.count, after)
       if chunk_bytes is not None:
-        chunk += [delta for out in solved for delta in out[:2]]
+        chunk += deltas
       for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
         for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
           new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(

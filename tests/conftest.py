@@ -37,3 +37,16 @@ def h_projection(d, a, b, row, col):
   w = np.sqrt(np.outer(row, col)).ravel()
   coef = np.linalg.lstsq(jac * w[:, None], d.ravel() * w, rcond=None)[0]
   return (jac @ coef).reshape(m, n)
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += count_primitive(sub, name)
+  return count

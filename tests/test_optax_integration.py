@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from adaprelora_jax import WeightStats, adaprelora, baselines
+from conftest import count_primitive
 
 EVERY_OPTIMIZER = pytest.mark.parametrize(
     "make",
@@ -270,19 +271,6 @@ def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make):
     )
 
 
-def _count_primitive(jaxpr, name: str) -> int:
-  """Occurrences of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          count += _count_primitive(sub, name)
-  return count
-
-
 def test_traced_solves_do_not_grow_with_unscanned_depth():
   """Compile time follows the traced program: one solve per role and shape, whatever the depth."""
   tx = adaprelora(1e-2)
@@ -290,7 +278,7 @@ def test_traced_solves_do_not_grow_with_unscanned_depth():
   def eighs(layers):
     params = _layered_params(layers)
     step = lambda p, s, g: tx.update(g, s, p)
-    return _count_primitive(jax.make_jaxpr(step)(params, tx.init(params), params).jaxpr, "eigh")
+    return count_primitive(jax.make_jaxpr(step)(params, tx.init(params), params).jaxpr, "eigh")
 
   assert eighs(1) > 0
   assert eighs(8) == eighs(1)

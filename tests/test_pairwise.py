@@ -8,6 +8,7 @@ import pytest
 
 from adaprelora_jax import transform
 from adaprelora_jax.transform import scale_by_adaprelora
+from conftest import count_primitive
 
 # Decoder-like shapes: four square projections and three MLP matrices.
 SHAPES = {
@@ -100,3 +101,20 @@ def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
     assert not np.all(np.isfinite(updates[first]["lora_a"]))
     for key in list(grads)[1:]:
       jax.tree.map(np.testing.assert_array_equal, updates[key], clean[key])
+
+
+def test_chunk_boundaries_do_not_grow_with_depth(monkeypatch):
+  """A boundary sums each group's joined updates, not every pair's: as many sums at 8 layers as at 2.
+
+  Per-pair sums made the boundaries grow with depth, and 32 layers of 7B
+  shapes compiled in 11 s instead of 5.
+  """
+  tx = _optimizer(monkeypatch, 1)
+
+  def sums(layers):
+    params, grads = _model(layers)
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
+    return count_primitive(jaxpr, "reduce_sum")
+
+  assert sums(2) > 0
+  assert sums(8) == sums(2)
