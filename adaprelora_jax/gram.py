@@ -153,10 +153,18 @@ def _row_quadratic_forms(x: Array, y: Array, form: Array) -> Array:
 
   Written as ``x (form₁₁ xᵀ + 2 form₂₁ᵀ yᵀ) + y form₂₂ yᵀ`` per row, so the
   ``(m, r)`` stacks are read in place rather than copied into an ``(m, 2r)``.
+  The two halves are summed by one two-operand reduction: XLA's CPU backend
+  hands a plain row sum to YNNPACK, which cannot take in the products, so
+  they would be written out as an ``(m, r)`` array first (about 5 % of the
+  update's op time at 7B shapes; ``benchmarks/RESULTS.md``).
   """
   r = x.shape[1]
   mixed = y @ jnp.concatenate([2.0 * form[r:, :r], form[r:, r:]], axis=1)
-  return jnp.sum(x * (x @ form[:r, :r] + mixed[:, :r]) + y * mixed[:, r:], axis=1)
+  zero = jnp.zeros((), x.dtype)
+  x_half, y_half = jax.lax.reduce(
+      (x * (x @ form[:r, :r] + mixed[:, :r]), y * mixed[:, r:]), (zero, zero),
+      lambda u, v: (u[0] + v[0], u[1] + v[1]), (1,))
+  return x_half + y_half
 
 
 def tangent_mean_squares(a, b, grad_a, grad_b, grams: SliceGrams
