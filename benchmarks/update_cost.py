@@ -3,7 +3,12 @@
 Every optimizer updates the same LoRA parameters (7B-like layer shapes: q/k/v/o
 4096×4096, gate/up 4096×14336, down 14336×4096) in one process; the timed
 steps are interleaved across optimizers, so the ratios to ``optax.adamw`` are
-measured side by side and machine load affects them all alike::
+measured side by side and machine load affects them all alike. Before every
+timed step a jitted pass streams ``--evict-mib`` MiB through memory: in
+training the forward and backward passes leave the optimizer's inputs out of
+cache, and without it each step would find some of them left by whichever
+optimizer ran before it (AdamW read 2.6 ms alone and 4.9 ms interleaved with
+AdaPreLoRA; ``benchmarks/RESULTS.md``)::
 
   python -m benchmarks.update_cost                       # CPU-sized: 2 layers, r=16, + scaling
   python -m benchmarks.update_cost --optimizers adamw adaprelora adaprelora_b1 --no-scaling
@@ -21,6 +26,7 @@ import argparse
 import json
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +84,35 @@ def _peak_bytes() -> int | None:
   return None if stats is None else stats.get("peak_bytes_in_use")
 
 
+def cache_evictor(mib: int) -> Callable[[], None]:
+  """A function that streams ``mib`` MiB through the device's memory (a no-op for 0)."""
+  if not mib:
+    return lambda: None
+  buffer = jnp.zeros(mib * 2**20 // 4, jnp.float32)
+  bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+
+  def evict() -> None:
+    nonlocal buffer
+    buffer = jax.block_until_ready(bump(buffer))
+
+  return evict
+
+
 def measure(
-    names: list[str], layers: int, rank: int, repeats: int, shrink: int = 1, progress: bool = True
+    names: list[str],
+    layers: int,
+    rank: int,
+    repeats: int,
+    shrink: int = 1,
+    progress: bool = True,
+    evict_mib: int = 0,
 ) -> dict:
-  """Per optimizer: median update ms, state bytes, compile s, and the ratios to adamw."""
+  """Per optimizer: median update ms, state bytes, compile s, and the ratios to adamw.
+
+  Each timed step follows a pass over ``evict_mib`` MiB (see the module docstring).
+  """
   names = ["adamw"] + [n for n in names if n != "adamw"]
+  evict = cache_evictor(evict_mib)
   params = lora_params(layers, rank, shrink=shrink)
   grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
   runs = {}
@@ -105,6 +135,7 @@ def measure(
   bar = tqdm(range(repeats), desc=f"{layers} layers, r={rank}", leave=False, disable=not progress)
   for _ in bar:
     for run in runs.values():
+      evict()
       t0 = time.perf_counter()
       run["params"], run["state"] = jax.block_until_ready(
           run["step"](run["params"], run["state"], grads)
@@ -182,7 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--ranks", type=int, nargs="*", help="ranks of the rank sweep (1 layer)")
   parser.add_argument("--layer-counts", type=int, nargs="*", help="layer counts of the layer sweep")
   parser.add_argument("--no-scaling", action="store_true", help="only the main table")
-  parser.add_argument("--shrink", type=int, default=1, help="divide every matrix side by this (smoke tests)")
+  parser.add_argument(
+      "--shrink", type=int, default=1, help="divide every matrix side by this (smoke tests)"
+  )
+  parser.add_argument(
+      "--evict-mib",
+      type=int,
+      default=1024,
+      help="MiB streamed through memory before every timed step (0: none)",
+  )
   parser.add_argument(
       "--out", type=pathlib.Path, default=pathlib.Path("benchmarks/out/update_cost")
   )
@@ -193,14 +232,20 @@ def main(argv: list[str] | None = None) -> dict:
   scaled = [n for n in names if n not in DENSE_STATE]
   device = jax.devices()[0].device_kind
 
-  result = dict(device=device, layers=layers, rank=args.rank, repeats=repeats)
+  result = dict(
+      device=device, layers=layers, rank=args.rank, repeats=repeats, evict_mib=args.evict_mib
+  )
+
+  def run(names: list[str], layers: int, rank: int) -> dict:
+    return measure(names, layers, rank, repeats, args.shrink, evict_mib=args.evict_mib)
+
   # The m×n-state optimizers stream gigabytes per step, which slows whatever is
   # timed right after them (LoRA-RITE read 24x AdamW interleaved with them, 5x
   # without), so they are timed in a pass of their own, against AdamW again.
   dense = [n for n in names if n in DENSE_STATE]
-  result["main"] = measure(scaled, layers, args.rank, repeats, args.shrink)
+  result["main"] = run(scaled, layers, args.rank)
   if dense:
-    rows = measure(dense, layers, args.rank, repeats, args.shrink)
+    rows = run(dense, layers, args.rank)
     result["main"] |= {name: rows[name] for name in dense}
   print(
       f"\n{layers} layers x 7 LoRA pairs, r={args.rank}, device={device}\n{table(result['main'])}"
@@ -208,10 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
   if not args.no_scaling:
     ranks = size["ranks"] if args.ranks is None else args.ranks
     counts = size["layer_counts"] if args.layer_counts is None else args.layer_counts
-    result["by_rank"] = {r: measure(scaled, 1, r, repeats, args.shrink) for r in tqdm(ranks, desc="rank sweep")}
-    result["by_layers"] = {
-        n: measure(scaled, n, args.rank, repeats, args.shrink) for n in tqdm(counts, desc="layer sweep")
-    }
+    result["by_rank"] = {r: run(scaled, 1, r) for r in tqdm(ranks, desc="rank sweep")}
+    result["by_layers"] = {n: run(scaled, n, args.rank) for n in tqdm(counts, desc="layer sweep")}
     for key in ("by_rank", "by_layers"):
       print(f"\ntime / adamw, {key}")
       print("| optimizer | " + " | ".join(map(str, result[key])) + " |")

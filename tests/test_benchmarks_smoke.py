@@ -34,7 +34,7 @@ def test_controlled_problems_are_ill_conditioned_low_rank_targets():
 
 def test_update_cost_runs_and_measures_state_ratios(tmp_path):
   result = update_cost.main(["--shrink", "64", "--repeats", "1", "--ranks", "4",
-                             "--layer-counts", "1", "--out", str(tmp_path)])
+                             "--layer-counts", "1", "--evict-mib", "1", "--out", str(tmp_path)])
   main = result["main"]
   assert set(main) == set(family.FAMILY)
   assert main["adamw"]["time_ratio"] == 1.0 and main["adamw"]["state_ratio"] == 1.0
@@ -44,4 +44,5 @@ def test_update_cost_runs_and_measures_state_ratios(tmp_path):
   # m × n moments: about mn / ((m + n) r) = 2 to 3 times Adam's at 64 × 64 to 64 × 224, r = 16.
   assert main["lora_pro_full"]["state_ratio"] > 2
   saved = json.loads((tmp_path / "update_cost.json").read_text())
+  assert saved["evict_mib"] == 1
   assert set(saved["by_rank"]["4"]) == set(family.FAMILY) - set(update_cost.DENSE_STATE)
