@@ -86,6 +86,8 @@ def _peak_bytes() -> int | None:
 
 def cache_evictor(mib: int) -> Callable[[], None]:
   """A function that streams ``mib`` MiB through the device's memory (a no-op for 0)."""
+  if mib < 0:
+    raise ValueError(f"--evict-mib must be 0 or more MiB, got {mib}.")
   if not mib:
     return lambda: None
   buffer = jnp.zeros(mib * 2**20 // 4, jnp.float32)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import controlled, family, update_cost
 
@@ -46,3 +47,8 @@ def test_update_cost_runs_and_measures_state_ratios(tmp_path):
   saved = json.loads((tmp_path / "update_cost.json").read_text())
   assert saved["evict_mib"] == 1
   assert set(saved["by_rank"]["4"]) == set(family.FAMILY) - set(update_cost.DENSE_STATE)
+
+
+def test_update_cost_rejects_a_negative_eviction_size():
+  with pytest.raises(ValueError, match="--evict-mib must be 0 or more MiB, got -1"):
+    update_cost.main(["--shrink", "64", "--evict-mib", "-1", "--no-scaling"])
