@@ -6,9 +6,10 @@ this module, which turns the rule into an Optax transformation:
 
 * :func:`~adaprelora_jax.pairing.lora_pairs` finds the pairs;
 * each pair's factors are read as matrices (N-D factors flattened); its
-  leading batch axes (stacked layers, experts), and the same projection in
-  every unscanned layer (pair keys equal up to layer numbers), are solved
-  with one ``vmap``, so the traced program does not grow with depth;
+  leading batch axes (stacked layers, experts) are solved with one ``vmap``,
+  and so is the same projection in every unscanned layer (pair keys equal up
+  to layer numbers) once a model has many pairs, so the traced program does
+  not grow with depth;
 * the rule computes in float32, or wider if the factors are;
 * a rule may ask for its groups to be solved in chunks, one after another
   (``chunk_bytes``), which bounds the update's live temporaries;
@@ -21,6 +22,7 @@ in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -47,7 +49,14 @@ class SliceUpdate(Protocol):
   def __call__(self, a: Array, b: Array, grad_a: Array, grad_b: Array,
                state: PyTree, extra: PyTree, count: Array
                ) -> tuple[Array, Array, PyTree]:
-    """``(delta_a, delta_b, new_state)`` for one slice at step ``count``."""
+    """``(delta_a, delta_b, new_state)`` for one slice at step ``count``.
+
+    A rule solved in chunks (``chunk_bytes``) also takes the keyword
+    ``after``: ``None`` in the first chunk, else a float32 zero that exists
+    only once the previous chunk is done. The rule adds it to the values
+    its large temporaries are computed from, which holds them back until
+    then (see ``chunk_bytes`` in :func:`pairwise_transformation`).
+    """
 
 
 PairExtras = Callable[[LoRAPairing, Mapping[str, Any]], Mapping[str, PyTree]]
@@ -155,7 +164,7 @@ def _input_bytes(factors: tuple[Array, ...], state: PyTree) -> int:
 def _zero_after(arrays: list[Array]) -> Array:
   """A float32 ``0.0`` that XLA can only compute once ``arrays`` exist.
 
-  Adding it to an input orders that input's consumers after ``arrays``'
+  Adding it to a value orders that value's consumers after ``arrays``'
   producers. ``lax.optimization_barrier`` would say the same, but XLA's CPU
   pipeline drops barriers before scheduling. The value is exactly zero
   whatever ``arrays`` hold, NaN and Inf included, so no pair's values reach
@@ -163,6 +172,32 @@ def _zero_after(arrays: list[Array]) -> Array:
   """
   total = sum(jnp.sum(x) for x in arrays)
   return jnp.isnan(total).astype(jnp.float32) * 0.0
+
+
+class _Member(NamedTuple):
+  """A pair of a group, with its factors and gradients and its :func:`_input_bytes`."""
+
+  pair: LoRAPair
+  factors: tuple[Array, Array, Array, Array]
+  nbytes: int
+
+
+def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]]:
+  """``members`` in runs of at most ``chunk_bytes`` (at least one member each).
+
+  A group is solved as one ``vmap``, whose temporaries are all live at once,
+  so a group larger than a chunk would undo the chunking (7B shapes, 32
+  unscanned layers joined whole: 7.7× AdamW's step time on CPU, 5.4× split;
+  ``benchmarks/RESULTS.md``).
+  """
+  runs, filled = [[]], 0
+  for member in members:
+    if runs[-1] and filled + member.nbytes > chunk_bytes:
+      runs.append([])
+      filled = 0
+    runs[-1].append(member)
+    filled += member.nbytes
+  return runs
 
 
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
@@ -176,15 +211,19 @@ def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
   ``(delta_a, delta_b, state)`` come back per pair with its batch axes,
   followed by the joined ``(delta_a, delta_b)`` of the whole group, which a
   chunk boundary sums as two arrays however many pairs the group holds.
-  ``after``, a :func:`_zero_after` zero, is added to every factor before
-  the join (XLA fuses it into the join's copy), which holds the whole group
-  back until it is computed.
+  ``after``, a :func:`_zero_after` zero, goes to the rule (see
+  :class:`SliceUpdate`). When two or more pairs are joined it is also added
+  to their factors and state, which holds back the join's copies (XLA fuses
+  the addition into them); a lone pair is not copied, and adding it there
+  would copy it.
   """
   dtype = compute_dtype(*(x.dtype for x in factors[0]))
   m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
   slice_shapes = ((m, r), (r, n), (m, r), (r, n))
   if after is not None:
-    factors = [tuple(x + after.astype(x.dtype) for x in f) for f in factors]
+    slice_update = functools.partial(slice_update, after=after)
+    if len(pairs) > 1:
+      factors, states = jax.tree.map(lambda x: x + after.astype(x.dtype), (factors, states))
   joined = [jnp.concatenate([f[k].astype(dtype).reshape(-1, *slice_shapes[k]) for f in factors])
             for k in range(4)]
 
@@ -218,7 +257,7 @@ def pairwise_transformation(
     pairing: PairingRule | None = None,
     pair_extras: PairExtras | None = None,
     state_type: Callable[..., NamedTuple] = PairwiseState,
-    join_layers: bool = True,
+    join_layers_above: int | None = 0,
     chunk_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An Optax transformation that applies a per-slice rule to every LoRA pair.
@@ -233,10 +272,14 @@ def pairwise_transformation(
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`).
     pair_extras: maps ``update``'s extra keyword arguments to per-pair inputs.
     state_type: a NamedTuple with fields ``count``, ``pairs``, ``fallback``.
-    join_layers: solve the same projection of every unscanned layer in one
-      ``vmap``, which keeps compile time flat in depth for rules with ``r × r``
-      algebra. Joining copies the pairs' inputs and state, so an element-wise
-      rule, cheap to compile and memory-bound, is faster without it.
+    join_layers_above: solve the same projection of every unscanned layer
+      in one ``vmap`` when the tree has more LoRA pairs than this (``None``:
+      never). Each pair solved alone is traced and compiled on its own, and
+      XLA's compile time grows faster than the program, so joining keeps it
+      nearly flat in depth for rules with ``r × r`` algebra. Joining copies
+      the pairs' inputs and state, though, so it costs time on every step,
+      and an element-wise rule, cheap to compile and memory-bound, is faster
+      without it.
     chunk_bytes: solve the groups (pairs, or joined projections) in chunks of
       about this many bytes of factors, gradients and state (in the compute
       dtype), one chunk after another; ``None`` for all at once. XLA runs
@@ -246,15 +289,15 @@ def pairwise_transformation(
       temporaries afresh on every call once they pass a few tens of MiB,
       time growing faster than depth. In chunks, one chunk's temporaries
       are live at a time, while the groups within a chunk still overlap.
+      A joined group larger than a chunk is split into chunk-sized groups.
       Each chunk boundary sums the previous chunk's updates (a scalar
-      all-reduce when they are sharded).
+      all-reduce when they are sharded), and the rule takes that sum's zero
+      as ``after`` (:class:`SliceUpdate`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
     ``params``.
   """
-
-  group_key = _group_key if join_layers else _own_key
 
   def masked_fallback(pairs: LoRAPairing) -> optax.GradientTransformation:
     return optax.masked(fallback, pairs.fallback_mask())
@@ -281,20 +324,26 @@ def pairwise_transformation(
     new_leaves, treedef = jax.tree_util.tree_flatten(fallback_updates)
     grad_leaves = jax.tree_util.tree_leaves(updates)
     param_leaves = jax.tree_util.tree_leaves(params)
-    groups = defaultdict(list)
+    join = join_layers_above is not None and len(pairs.pairs) > join_layers_above
+    group_key = _group_key if join else _own_key
+    by_key = defaultdict(list)
     for pair in pairs.pairs:
       factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
                       for i in (pair.a_index, pair.b_index))
-      groups[group_key(pair, factors, extras.get(pair.key))].append((pair, factors))
+      by_key[group_key(pair, factors, extras.get(pair.key))].append(
+          _Member(pair, factors, _input_bytes(factors, state.pairs[pair.key])))
+    groups = list(by_key.values())
+    if chunk_bytes is not None:
+      groups = [run for members in groups for run in _split_group(members, chunk_bytes)]
     new_pairs, after, chunk, filled = {}, None, [], 0
-    for members in groups.values():
-      group = [pair for pair, _ in members]
-      size = sum(_input_bytes(factors, state.pairs[pair.key]) for pair, factors in members)
+    for members in groups:
+      group = [member.pair for member in members]
+      size = sum(member.nbytes for member in members)
       if chunk_bytes is not None and chunk and filled + size > chunk_bytes:
         after, chunk, filled = _zero_after(chunk), [], 0
       filled += size
       solved, deltas = _solve_group(
-          slice_update, group, [factors for _, factors in members],
+          slice_update, group, [member.factors for member in members],
           [state.pairs[pair.key] for pair in group],
           [extras.get(pair.key) for pair in group], state.count, after)
       if chunk_bytes is not None:

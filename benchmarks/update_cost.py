@@ -46,7 +46,7 @@ SHAPES = {
     "down": (14336, 4096),
 }
 SIZES = {
-    "cpu": dict(layers=2, repeats=10, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(1, 2, 4)),
+    "cpu": dict(layers=2, repeats=10, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(1, 2, 4, 8)),
     "gpu": dict(layers=32, repeats=50, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(4, 8, 16, 32)),
 }
 DENSE_STATE = ("lora_pro_full",)  # m×n moments: timed in a pass of their own, not in the sweeps

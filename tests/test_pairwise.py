@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import transform
+from adaprelora_jax import pairwise, transform
 from adaprelora_jax.transform import scale_by_adaprelora
 from conftest import count_primitive
 
@@ -66,23 +66,46 @@ def test_chunks_change_the_order_not_the_values(monkeypatch, b1):
   jax.tree.map(np.testing.assert_array_equal, *runs)
 
 
-def test_chunks_bound_the_live_temporaries(monkeypatch):
+def _temp_bytes(tx, params, grads, weight_stats=None) -> int:
+  step = lambda g, s, p: tx.update(g, s, p, weight_stats=weight_stats)
+  compiled = jax.jit(step).lower(grads, tx.init(params), params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _weight_stats(params: dict) -> dict:
+  return {key: transform.WeightStats(jnp.ones(p["lora_a"].shape[0]), jnp.ones(p["lora_b"].shape[1]))
+          for key, p in params.items()}
+
+
+@pytest.mark.parametrize("statistics", ["tangent", "full"])
+def test_chunks_bound_the_live_temporaries(monkeypatch, statistics):
   """One chunk per group: the compiled update needs far fewer temporary bytes.
 
   Unchunked, XLA overlaps every group and keeps all their ``(m, r)``
   temporaries live; chunked, the temporaries of one chunk are live at a time.
+  Exact statistics skip the Grams, so the ordering must reach the moments too.
   """
   params, grads = _model(layers=4)
-
-  def temp_bytes(chunk_bytes):
-    tx = _optimizer(monkeypatch, chunk_bytes)
-    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
+  stats = _weight_stats(params) if statistics == "full" else None
+  temp_bytes = lambda chunk_bytes: _temp_bytes(
+      _optimizer(monkeypatch, chunk_bytes), params, grads, stats)
   together, chunked = temp_bytes(None), temp_bytes(1)
   assert chunked < 0.5 * together, (chunked, together)
   # Chunks of one MLP pair's size hold the same bound.
   assert temp_bytes(4 * _one_pair_bytes("gate")) < 0.5 * together
+
+
+def test_joined_layers_are_split_into_chunks(monkeypatch):
+  """Past ``_JOIN_ABOVE_PAIRS`` pairs the layers of a role are joined, in groups of at most a
+  chunk: one group of all twelve MLP pairs would hold all their temporaries at once."""
+  layers = 12
+  assert len(SHAPES) * layers > transform._JOIN_ABOVE_PAIRS
+  params, grads = _model(layers)
+  tx = _optimizer(monkeypatch, 3 * _one_pair_bytes("gate"))
+  split = _temp_bytes(tx, params, grads)
+  monkeypatch.setattr(pairwise, "_split_group", lambda members, chunk_bytes: [members])
+  whole = _temp_bytes(tx, params, grads)
+  assert split < 0.5 * whole, (split, whole)
 
 
 def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
@@ -103,18 +126,20 @@ def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
       jax.tree.map(np.testing.assert_array_equal, updates[key], clean[key])
 
 
-def test_chunk_boundaries_do_not_grow_with_depth(monkeypatch):
-  """A boundary sums each group's joined updates, not every pair's: as many sums at 8 layers as at 2.
+def test_chunk_boundaries_sum_each_group_once(monkeypatch):
+  """A boundary sums each group's joined updates, two sums per group, not two per pair.
 
-  Per-pair sums made the boundaries grow with depth, and 32 layers of 7B
+  Per-pair sums made the program grow with depth, and 32 layers of 7B
   shapes compiled in 11 s instead of 5.
   """
-  tx = _optimizer(monkeypatch, 1)
+  layers = 12  # joined: more than _JOIN_ABOVE_PAIRS pairs
+  params, grads = _model(layers)
 
-  def sums(layers):
-    params, grads = _model(layers)
+  def sums(chunk_bytes):
+    tx = _optimizer(monkeypatch, chunk_bytes)
     jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
     return count_primitive(jaxpr, "reduce_sum")
 
-  assert sums(2) > 0
-  assert sums(8) == sums(2)
+  # Every role's twelve pairs fit in a chunk, so each role is one group.
+  boundary_sums = sums(layers * _one_pair_bytes("gate")) - sums(None)
+  assert 0 < boundary_sums <= 2 * len(SHAPES) < 2 * layers

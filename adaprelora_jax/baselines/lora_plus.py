@@ -44,7 +44,8 @@ def _adam_on_factors(b1: float, b2: float, eps: float,
       "scale_by_lora_plus", slice_init, slice_update,
       fallback=(optax.scale_by_adam(b1, b2, eps) if fallback is None
                 else fallback),
-      pairing=pairing, join_layers=False)  # element-wise: joining would only add copies
+      # Element-wise: joining the layers would only add copies.
+      pairing=pairing, join_layers_above=None)
 
 
 def scale_by_lora_plus(
