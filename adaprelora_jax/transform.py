@@ -17,15 +17,18 @@ from adaprelora_jax.pairwise import pairwise_transformation
 Array = jax.Array
 Statistics = Literal["auto", "tangent", "full"]
 
-# The update holds about 1.5× its inputs in temporaries. Chunks of 12 MiB of
-# factors, gradients and state (one layer of 7B shapes at r = 16) keep them
-# under the 32 MiB above which glibc maps every call's buffer afresh, and
-# leave several pairs per chunk for XLA to overlap (benchmarks/RESULTS.md,
-# "Where the time goes").
+# How the pairs are laid out into one program was tuned on XLA's CPU runtime
+# (benchmarks/RESULTS.md, "Where the time goes"); elsewhere every role's
+# layers are joined and nothing is chunked, the fewest and largest kernels.
+#
+# On CPU the update holds about 1.5× its inputs in temporaries. Chunks of
+# 12 MiB of factors, gradients and state (one layer of 7B shapes at r = 16)
+# keep them under the 32 MiB above which glibc maps every call's buffer
+# afresh, and leave several pairs per chunk for XLA to overlap.
 _CHUNK_BYTES = 12 * 2**20
-# Up to this many pairs each is solved alone. Joining the layers of a role
-# copies their factors and gradients and batches their products (7B shapes
-# on CPU: 2 layers 4.3× AdamW's step alone, 4.5× joined; 8 layers 4.1× and
+# On CPU, up to this many pairs each is solved alone. Joining the layers of a
+# role copies their factors and gradients and batches their products (7B
+# shapes: 2 layers 4.3× AdamW's step alone, 4.5× joined; 8 layers 4.1× and
 # 5.2×), but solving alone compiles in time growing with the square of the
 # pair count (8 layers: 9.8 s against 5.5 s; 32 layers: 93 s against 12 s).
 _JOIN_ABOVE_PAIRS = 32
@@ -226,9 +229,11 @@ def scale_by_adaprelora(
     return {p.key: _full_stats(p, weight_stats[p.key])
             for p in pairs.pairs if p.key in weight_stats}
 
+  on_cpu = jax.default_backend() == "cpu"
   return pairwise_transformation(
       "scale_by_adaprelora", slice_init, slice_update,
       fallback=optax.scale_by_adam() if fallback is None else fallback,
       pairing=pairing, pair_extras=pair_extras,
-      state_type=ScaleByAdaPreLoRAState, join_layers_above=_JOIN_ABOVE_PAIRS,
-      chunk_bytes=_CHUNK_BYTES)
+      state_type=ScaleByAdaPreLoRAState,
+      join_layers_above=_JOIN_ABOVE_PAIRS if on_cpu else 0,
+      chunk_bytes=_CHUNK_BYTES if on_cpu else None)

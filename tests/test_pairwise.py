@@ -143,3 +143,26 @@ def test_chunk_boundaries_sum_each_group_once(monkeypatch):
   # Every role's twelve pairs fit in a chunk, so each role is one group.
   boundary_sums = sums(layers * _one_pair_bytes("gate")) - sums(None)
   assert 0 < boundary_sums <= 2 * len(SHAPES) < 2 * layers
+
+
+def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
+  """The CPU-tuned layout (pairs alone, chunks) and the accelerator one (roles joined, no
+  chunks) trace different programs for the same updates."""
+  params, grads = _model(layers=2)
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    joined = scale_by_adaprelora()
+  alone = scale_by_adaprelora()
+
+  def run(tx):
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
+    p, state = params, tx.init(params)
+    for _ in range(3):
+      updates, state = jax.jit(tx.update)(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    return count_primitive(jaxpr, "eigh"), p
+
+  (joined_eighs, joined_params), (alone_eighs, alone_params) = run(joined), run(alone)
+  assert 2 * joined_eighs == alone_eighs  # 7 roles of 2 layers against 14 pairs
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               joined_params, alone_params)
