@@ -28,7 +28,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pair
 
 Array = jax.Array
 PyTree = Any
+T = TypeVar("T")
 
 
 class SliceInit(Protocol):
@@ -182,6 +183,18 @@ class _Member(NamedTuple):
   nbytes: int
 
 
+def _pack(items: list[T], nbytes: Callable[[T], int], limit: int) -> list[list[T]]:
+  """``items`` in order, in runs of at most ``limit`` bytes (at least one item each)."""
+  runs, filled = [[]], 0
+  for item in items:
+    if runs[-1] and filled + nbytes(item) > limit:
+      runs.append([])
+      filled = 0
+    runs[-1].append(item)
+    filled += nbytes(item)
+  return runs
+
+
 def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]]:
   """``members`` in runs of at most ``chunk_bytes`` (at least one member each).
 
@@ -190,14 +203,7 @@ def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]
   unscanned layers joined whole: 7.7× AdamW's step time on CPU, 5.4× split;
   ``benchmarks/RESULTS.md``).
   """
-  runs, filled = [[]], 0
-  for member in members:
-    if runs[-1] and filled + member.nbytes > chunk_bytes:
-      runs.append([])
-      filled = 0
-    runs[-1].append(member)
-    filled += member.nbytes
-  return runs
+  return _pack(members, lambda member: member.nbytes, chunk_bytes)
 
 
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
@@ -332,26 +338,25 @@ def pairwise_transformation(
                       for i in (pair.a_index, pair.b_index))
       by_key[group_key(pair, factors, extras.get(pair.key))].append(
           _Member(pair, factors, _input_bytes(factors, state.pairs[pair.key])))
-    groups = list(by_key.values())
+    chunks = [list(by_key.values())]
     if chunk_bytes is not None:
-      groups = [run for members in groups for run in _split_group(members, chunk_bytes)]
-    new_pairs, after, chunk, filled = {}, None, [], 0
-    for members in groups:
-      group = [member.pair for member in members]
-      size = sum(member.nbytes for member in members)
-      if chunk_bytes is not None and chunk and filled + size > chunk_bytes:
-        after, chunk, filled = _zero_after(chunk), [], 0
-      filled += size
-      solved, deltas = _solve_group(
-          slice_update, group, [member.factors for member in members],
-          [state.pairs[pair.key] for pair in group],
-          [extras.get(pair.key) for pair in group], state.count, after)
-      if chunk_bytes is not None:
-        chunk += deltas
-      for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
-        for index, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
-          new_leaves[index] = delta.reshape(grad_leaves[index].shape).astype(
-              grad_leaves[index].dtype)
+      groups = [run for members in chunks[0] for run in _split_group(members, chunk_bytes)]
+      chunks = _pack(groups, lambda members: sum(m.nbytes for m in members), chunk_bytes)
+    new_pairs, after, deltas = {}, None, []
+    for index, chunk in enumerate(chunks):
+      if index:  # a chunk after the first waits for the previous chunk's updates
+        after, deltas = _zero_after(deltas), []
+      for members in chunk:
+        group = [member.pair for member in members]
+        solved, group_deltas = _solve_group(
+            slice_update, group, [member.factors for member in members],
+            [state.pairs[pair.key] for pair in group],
+            [extras.get(pair.key) for pair in group], state.count, after)
+        deltas += group_deltas
+        for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
+          for leaf, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
+            new_leaves[leaf] = delta.reshape(grad_leaves[leaf].shape).astype(
+                grad_leaves[leaf].dtype)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), state_type(
         count=optax.safe_increment(state.count), pairs=new_pairs,
         fallback=new_fallback)

@@ -156,9 +156,9 @@ def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
 
   def run(tx):
     jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
-    p, state = params, tx.init(params)
+    p, state, step = params, tx.init(params), jax.jit(tx.update)
     for _ in range(3):
-      updates, state = jax.jit(tx.update)(grads, state, p)
+      updates, state = step(grads, state, p)
       p = optax.apply_updates(p, updates)
     return count_primitive(jaxpr, "eigh"), p
 
