@@ -139,16 +139,10 @@ class SliceGrams(NamedTuple):
 
 
 def slice_grams(a, b, grad_a, grad_b, damping: Array | float,
-                scale: Array | float, after: Array | None = None) -> SliceGrams:
-  """:class:`SliceGrams` of one slice, from its factors and factor gradients.
-
-  ``after``, a zero added to the Grams, holds back everything computed from
-  them (the chunk ordering of :func:`~adaprelora_jax.pairwise.pairwise_transformation`).
-  """
+                scale: Array | float) -> SliceGrams:
+  """:class:`SliceGrams` of one slice, from its factors and factor gradients."""
   gram_m = stacked_gram(a, grad_a)
   gram_n = stacked_gram(b.T, grad_b.T)
-  if after is not None:
-    gram_m, gram_n = gram_m + after, gram_n + after
   r = a.shape[1]
   return SliceGrams(gram_m, gram_n,
                     frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale))

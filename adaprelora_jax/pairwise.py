@@ -8,8 +8,8 @@ this module, which turns the rule into an Optax transformation:
 * each pair's factors are read as matrices (N-D factors flattened); its
   leading batch axes (stacked layers, experts) are solved with one ``vmap``,
   and so is the same projection in every unscanned layer (pair keys equal up
-  to layer numbers) once a model has many pairs, so the traced program does
-  not grow with depth;
+  to layer numbers) where many pairs would be solved together, so the
+  program XLA compiles at once does not grow with depth;
 * the rule computes in float32, or wider if the factors are;
 * a rule may ask for its groups to be solved in chunks, one after another
   (``chunk_bytes``), which bounds the update's live temporaries;
@@ -50,14 +50,7 @@ class SliceUpdate(Protocol):
   def __call__(self, a: Array, b: Array, grad_a: Array, grad_b: Array,
                state: PyTree, extra: PyTree, count: Array
                ) -> tuple[Array, Array, PyTree]:
-    """``(delta_a, delta_b, new_state)`` for one slice at step ``count``.
-
-    A rule solved in chunks (``chunk_bytes``) also takes the keyword
-    ``after``: ``None`` in the first chunk, else a float32 zero that exists
-    only once the previous chunk is done. The rule adds it to the values
-    its large temporaries are computed from, which holds them back until
-    then (see ``chunk_bytes`` in :func:`pairwise_transformation`).
-    """
+    """``(delta_a, delta_b, new_state)`` for one slice at step ``count``."""
 
 
 PairExtras = Callable[[LoRAPairing, Mapping[str, Any]], Mapping[str, PyTree]]
@@ -162,17 +155,13 @@ def _input_bytes(factors: tuple[Array, ...], state: PyTree) -> int:
   return sum(x.size for x in (*factors, *jax.tree.leaves(state))) * itemsize
 
 
-def _zero_after(arrays: list[Array]) -> Array:
-  """A float32 ``0.0`` that XLA can only compute once ``arrays`` exist.
+def _true_after(x: Array) -> Array:
+  """A ``True`` that XLA can only compute once ``x`` exists, and cannot fold.
 
-  Adding it to a value orders that value's consumers after ``arrays``'
-  producers. ``lax.optimization_barrier`` would say the same, but XLA's CPU
-  pipeline drops barriers before scheduling. The value is exactly zero
-  whatever ``arrays`` hold, NaN and Inf included, so no pair's values reach
-  another's.
+  It is true whatever ``x`` holds, NaN and Inf included, so no pair's values
+  reach another's.
   """
-  total = sum(jnp.sum(x) for x in arrays)
-  return jnp.isnan(total).astype(jnp.float32) * 0.0
+  return jnp.isnan(x).astype(jnp.float32) * 0.0 == 0.0
 
 
 class _Member(NamedTuple):
@@ -206,30 +195,32 @@ def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]
   return _pack(members, lambda member: member.nbytes, chunk_bytes)
 
 
+def _layout(members: list[_Member], group_key: Callable[..., tuple],
+            extras: Mapping[str, PyTree], chunk_bytes: int | None
+            ) -> list[list[list[_Member]]]:
+  """The chunks, solved one after another, of groups, each solved by one ``vmap``."""
+  by_key = defaultdict(list)
+  for member in members:
+    by_key[group_key(member.pair, member.factors, extras.get(member.pair.key))].append(member)
+  groups = list(by_key.values())
+  if chunk_bytes is None:
+    return [groups]
+  groups = [run for members in groups for run in _split_group(members, chunk_bytes)]
+  return _pack(groups, lambda members: sum(m.nbytes for m in members), chunk_bytes)
+
+
 def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
                  factors: list[tuple[Array, Array, Array, Array]],
-                 states: list[PyTree], extras: list[PyTree], count: Array,
-                 after: Array | None = None
-                 ) -> tuple[list[tuple[Array, Array, PyTree]], tuple[Array, Array]]:
+                 states: list[PyTree], extras: list[PyTree], count: Array
+                 ) -> list[tuple[Array, Array, PyTree]]:
   """Runs ``slice_update`` on every batch slice of same-shaped pairs with a single vmap.
 
   Each pair's batch axes are flattened and the pairs joined along them;
-  ``(delta_a, delta_b, state)`` come back per pair with its batch axes,
-  followed by the joined ``(delta_a, delta_b)`` of the whole group, which a
-  chunk boundary sums as two arrays however many pairs the group holds.
-  ``after``, a :func:`_zero_after` zero, goes to the rule (see
-  :class:`SliceUpdate`). When two or more pairs are joined it is also added
-  to their factors and state, which holds back the join's copies (XLA fuses
-  the addition into them); a lone pair is not copied, and adding it there
-  would copy it.
+  ``(delta_a, delta_b, state)`` come back per pair with its batch axes.
   """
   dtype = compute_dtype(*(x.dtype for x in factors[0]))
   m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
   slice_shapes = ((m, r), (r, n), (m, r), (r, n))
-  if after is not None:
-    slice_update = functools.partial(slice_update, after=after)
-    if len(pairs) > 1:
-      factors, states = jax.tree.map(lambda x: x + after.astype(x.dtype), (factors, states))
   joined = [jnp.concatenate([f[k].astype(dtype).reshape(-1, *slice_shapes[k]) for f in factors])
             for k in range(4)]
 
@@ -251,7 +242,39 @@ def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
       jax.tree.map(lambda x, start=start, size=size, batch=pair.batch_shape:
                    x[start:start + size].reshape(*batch, *x.shape[1:]), out)
       for pair, size, start in zip(pairs, sizes, itertools.accumulate([0, *sizes]))
-  ], out[:2]
+  ]
+
+
+Solved = dict[str, tuple[Array, Array, PyTree]]
+"""``(delta_a, delta_b, state)`` per pair key, the deltas shaped like the factors' gradients."""
+
+
+def _solve_chunk(slice_update: SliceUpdate, chunk: list[list[_Member]],
+                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree],
+                 count: Array) -> Solved:
+  """Every group of ``chunk``, each with :func:`_solve_group`."""
+  solved = {}
+  for members in chunk:
+    pairs = [member.pair for member in members]
+    outs = _solve_group(slice_update, pairs, [member.factors for member in members],
+                        [states[pair.key] for pair in pairs],
+                        [extras.get(pair.key) for pair in pairs], count)
+    for member, (delta_a, delta_b, new_state) in zip(members, outs):
+      grad_a, grad_b = member.factors[2:]
+      # The state keeps its dtype, whatever the rule computed in.
+      solved[member.pair.key] = (
+          delta_a.reshape(grad_a.shape).astype(grad_a.dtype),
+          delta_b.reshape(grad_b.shape).astype(grad_b.dtype),
+          jax.tree.map(lambda new, old: new.astype(old.dtype), new_state,
+                       states[member.pair.key]))
+  return solved
+
+
+def _skip_chunk(chunk: list[list[_Member]], states: Mapping[str, PyTree]) -> Solved:
+  """What :func:`_solve_chunk` returns, as zero updates and the states unchanged."""
+  return {member.pair.key: (jnp.zeros_like(member.factors[2]),
+                            jnp.zeros_like(member.factors[3]), states[member.pair.key])
+          for members in chunk for member in members}
 
 
 def pairwise_transformation(
@@ -279,13 +302,14 @@ def pairwise_transformation(
     pair_extras: maps ``update``'s extra keyword arguments to per-pair inputs.
     state_type: a NamedTuple with fields ``count``, ``pairs``, ``fallback``.
     join_layers_above: solve the same projection of every unscanned layer
-      in one ``vmap`` when the tree has more LoRA pairs than this (``None``:
-      never). Each pair solved alone is traced and compiled on its own, and
-      XLA's compile time grows faster than the program, so joining keeps it
-      nearly flat in depth for rules with ``r × r`` algebra. Joining copies
-      the pairs' inputs and state, though, so it costs time on every step,
-      and an element-wise rule, cheap to compile and memory-bound, is faster
-      without it.
+      in one ``vmap`` when more than this many pairs would otherwise be
+      solved together, in one chunk or, without chunks, in the whole update
+      (``None``: never). XLA compiles the pairs solved together as one
+      program, in time growing with the square of their number, and joining
+      keeps that number flat in depth for rules with ``r × r`` algebra.
+      Joining copies the pairs' inputs and state, though, so it costs time
+      on every step, and an element-wise rule, cheap to compile and
+      memory-bound, is faster without it.
     chunk_bytes: solve the groups (pairs, or joined projections) in chunks of
       about this many bytes of factors, gradients and state (in the compute
       dtype), one chunk after another; ``None`` for all at once. XLA runs
@@ -296,9 +320,9 @@ def pairwise_transformation(
       time growing faster than depth. In chunks, one chunk's temporaries
       are live at a time, while the groups within a chunk still overlap.
       A joined group larger than a chunk is split into chunk-sized groups.
-      Each chunk boundary sums the previous chunk's updates (a scalar
-      all-reduce when they are sharded), and the rule takes that sum's zero
-      as ``after`` (:class:`SliceUpdate`).
+      Each chunk is a ``lax.cond``, which XLA runs as a unit and compiles on
+      its own, whose predicate is always true but computed from the
+      previous chunk's results (one element, gathered when sharded).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -330,33 +354,32 @@ def pairwise_transformation(
     new_leaves, treedef = jax.tree_util.tree_flatten(fallback_updates)
     grad_leaves = jax.tree_util.tree_leaves(updates)
     param_leaves = jax.tree_util.tree_leaves(params)
-    join = join_layers_above is not None and len(pairs.pairs) > join_layers_above
-    group_key = _group_key if join else _own_key
-    by_key = defaultdict(list)
+    members = []
     for pair in pairs.pairs:
       factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
                       for i in (pair.a_index, pair.b_index))
-      by_key[group_key(pair, factors, extras.get(pair.key))].append(
-          _Member(pair, factors, _input_bytes(factors, state.pairs[pair.key])))
-    chunks = [list(by_key.values())]
-    if chunk_bytes is not None:
-      groups = [run for members in chunks[0] for run in _split_group(members, chunk_bytes)]
-      chunks = _pack(groups, lambda members: sum(m.nbytes for m in members), chunk_bytes)
-    new_pairs, after, deltas = {}, None, []
-    for index, chunk in enumerate(chunks):
-      if index:  # a chunk after the first waits for the previous chunk's updates
-        after, deltas = _zero_after(deltas), []
-      for members in chunk:
-        group = [member.pair for member in members]
-        solved, group_deltas = _solve_group(
-            slice_update, group, [member.factors for member in members],
-            [state.pairs[pair.key] for pair in group],
-            [extras.get(pair.key) for pair in group], state.count, after)
-        deltas += group_deltas
-        for pair, (delta_a, delta_b, new_pairs[pair.key]) in zip(group, solved):
-          for leaf, delta in ((pair.a_index, delta_a), (pair.b_index, delta_b)):
-            new_leaves[leaf] = delta.reshape(grad_leaves[leaf].shape).astype(
-                grad_leaves[leaf].dtype)
+      members.append(_Member(pair, factors, _input_bytes(factors, state.pairs[pair.key])))
+    chunks = _layout(members, _own_key, extras, chunk_bytes)
+    if (join_layers_above is not None
+        and max(sum(map(len, chunk)) for chunk in chunks) > join_layers_above):
+      chunks = _layout(members, _group_key, extras, chunk_bytes)
+    solved, done = {}, state.count.astype(jnp.float32)
+    for chunk in chunks:
+      solve = functools.partial(_solve_chunk, slice_update, chunk, state.pairs, extras,
+                                state.count)
+      if len(chunks) == 1:
+        solved.update(solve())
+        continue
+      # XLA runs a conditional as a unit, and this predicate exists only once the
+      # previous chunk's conditional has finished (see ``chunk_bytes``).
+      out = jax.lax.cond(_true_after(done), solve,
+                         functools.partial(_skip_chunk, chunk, state.pairs))
+      done = jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32)
+      solved.update(out)
+    new_pairs = {}
+    for pair in pairs.pairs:
+      delta_a, delta_b, new_pairs[pair.key] = solved[pair.key]
+      new_leaves[pair.a_index], new_leaves[pair.b_index] = delta_a, delta_b
     return jax.tree_util.tree_unflatten(treedef, new_leaves), state_type(
         count=optax.safe_increment(state.count), pairs=new_pairs,
         fallback=new_fallback)

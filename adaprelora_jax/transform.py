@@ -26,11 +26,14 @@ Statistics = Literal["auto", "tangent", "full"]
 # keep them under the 32 MiB above which glibc maps every call's buffer
 # afresh, and leave several pairs per chunk for XLA to overlap.
 _CHUNK_BYTES = 12 * 2**20
-# On CPU, up to this many pairs each is solved alone. Joining the layers of a
-# role copies their factors and gradients and batches their products (7B
-# shapes: 2 layers 4.3× AdamW's step alone, 4.5× joined; 8 layers 4.1× and
-# 5.2×), but solving alone compiles in time growing with the square of the
-# pair count (8 layers: 9.8 s against 5.5 s; 32 layers: 93 s against 12 s).
+# On CPU, each pair is solved alone unless a chunk would then hold more than
+# this many pairs (small matrices); then each role's layers are joined.
+# Joining copies the factors and gradients and batches their products (7B
+# shapes, 8 layers: 4.0× AdamW's step alone, 4.9× joined), but XLA compiles a
+# chunk in time growing with the square of its pairs. 7B shapes hold about 7
+# per chunk, so they compile in time linear in depth (32 layers: 24 s alone,
+# 7.4 s joined); the 224 small pairs of benchmarks.compile_time's 32 layers,
+# all in one chunk, took 51 s alone and 4.7 s joined.
 _JOIN_ABOVE_PAIRS = 32
 
 
@@ -177,22 +180,16 @@ def scale_by_adaprelora(
         mu_a=zeros(m, rank) if with_momentum else None,
         mu_b=zeros(rank, n) if with_momentum else None)
 
-  def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count,
-                   after=None):
+  def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count):
     """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
     mu_y, mu_x = state.mu_a, state.mu_b
-    v_row, v_col = state.v_row, state.v_col
-    if after is not None:
-      # Chunk ordering: every (m, r) temporary below derives from the Grams
-      # or from the moments, so gating both holds the whole slice back.
-      v_row, v_col = v_row + after, v_col + after
     # The m- and n-side Grams that everything below is assembled from.
-    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale, after)
+    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale)
     fr, a_grad_a = grams.frames, grams.a_grad_a
     if stats is None:
       stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams)
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
-    v_row, v_col = moments.update_moments(v_row, v_col, *stats, beta, eps)
+    v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats, beta, eps)
     row, col = moments.scalings(v_row, v_col, count, b2)
     # Factor gradients fed to the solve: E_A @ map_a and map_b @ E_B, the
     # (averaged) W-gradient's frame coordinates mapped back to the factors.

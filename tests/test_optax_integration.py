@@ -273,8 +273,9 @@ def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make, monkeypa
 
 
 def test_traced_solves_do_not_grow_with_unscanned_depth():
-  """Compile time follows the traced program: past ``_JOIN_ABOVE_PAIRS`` pairs, one solve per
-  role and shape, whatever the depth; up to it, one per pair (no copies to join them)."""
+  """Compile time follows the traced program: past ``_JOIN_ABOVE_PAIRS`` pairs in a chunk (these
+  small ones all share one), one solve per role and shape, whatever the depth; up to it, one
+  per pair (no copies to join them)."""
   tx = adaprelora(1e-2)
 
   def eighs(layers):
