@@ -187,6 +187,10 @@ def _make_pair(key, found) -> LoRAPair:
         f"shape {found['b'][2]}; expected A (*batch, *in, r) and "
         "B (*batch, r, *out) with the same rank r and batch axes."
     )
+  if 0 in a_shape or 0 in b_shape:
+    raise ValueError(
+        f"LoRA pair {key!r} is empty: {a_path} has shape {a_shape} and {b_path} has "
+        f"shape {b_shape}; expected every axis, the rank included, to be at least 1.")
   k = len(batch)
   return LoRAPair(
       key=key, a_path=a_path, b_path=b_path, a_index=a_index, b_index=b_index,

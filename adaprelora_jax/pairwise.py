@@ -198,7 +198,7 @@ def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]
 def _layout(members: list[_Member], group_key: Callable[..., tuple],
             extras: Mapping[str, PyTree], chunk_bytes: int | None
             ) -> list[list[list[_Member]]]:
-  """The chunks, solved one after another, of groups, each solved by one ``vmap``."""
+  """``members`` in chunks, solved one after another, of groups, each solved by one ``vmap``."""
   by_key = defaultdict(list)
   for member in members:
     by_key[group_key(member.pair, member.factors, extras.get(member.pair.key))].append(member)
@@ -271,7 +271,7 @@ def _solve_chunk(slice_update: SliceUpdate, chunk: list[list[_Member]],
 
 
 def _skip_chunk(chunk: list[list[_Member]], states: Mapping[str, PyTree]) -> Solved:
-  """What :func:`_solve_chunk` returns, as zero updates and the states unchanged."""
+  """:func:`_solve_chunk`'s result for the branch never taken: zero updates, states unchanged."""
   return {member.pair.key: (jnp.zeros_like(member.factors[2]),
                             jnp.zeros_like(member.factors[3]), states[member.pair.key])
           for members in chunk for member in members}
@@ -374,7 +374,8 @@ def pairwise_transformation(
       # previous chunk's conditional has finished (see ``chunk_bytes``).
       out = jax.lax.cond(_true_after(done), solve,
                          functools.partial(_skip_chunk, chunk, state.pairs))
-      done = jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32)
+      done = next((x.ravel()[0].astype(jnp.float32) for x in jax.tree.leaves(out) if x.size),
+                  done)
       solved.update(out)
     new_pairs = {}
     for pair in pairs.pairs:

@@ -103,6 +103,14 @@ def test_batch_mismatch_is_an_error():
     lora_pairs(tree)
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [((8, 0), (0, 8)), ((0, 8, 2), (0, 2, 8))])
+def test_empty_pair_is_an_error_naming_both_factors(a_shape, b_shape):
+  tree = {"q": {"lora_a": S(a_shape, jnp.float32), "lora_b": S(b_shape, jnp.float32)}}
+  with pytest.raises(ValueError, match=re.escape(
+      f"'q' is empty: q/lora_a has shape {a_shape} and q/lora_b has shape {b_shape}")):
+    lora_pairs(tree)
+
+
 def test_duplicate_role_is_an_error():
   tree = {"q": {"lora_a": S((8, 2), jnp.float32),
                 "lora_b": S((2, 8), jnp.float32)},
