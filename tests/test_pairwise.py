@@ -126,6 +126,22 @@ def test_pairs_are_joined_when_a_chunk_would_hold_too_many(monkeypatch):
   assert per_layer == layers * one_chunk  # alone: 4 per pair; joined: 4 per role
 
 
+def test_the_rule_is_traced_once_per_slice_shape():
+  """Same-shaped pairs share one trace of the rule, so tracing does not grow with depth."""
+  traced = []
+
+  def slice_update(a, b, grad_a, grad_b, state, extra, count):
+    traced.append((a.shape, b.shape))
+    return grad_a, grad_b, state
+
+  tx = pairwise.pairwise_transformation(
+      "toy", lambda m, n, r, dtype: (), slice_update, fallback=optax.identity())
+  params, grads = _model(layers=2)
+  updates = jax.jit(tx.update)(grads, tx.init(params), params)[0]
+  assert sorted(traced) == sorted({((m, RANK), (RANK, n)) for m, n in SHAPES.values()})
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+
+
 def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
   """The predicate that orders the chunks is true whatever the earlier chunks computed."""
   params, grads = _model(layers=1)
