@@ -201,7 +201,7 @@ def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
   alone = scale_by_adaprelora()
 
   def run(tx):
-    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
+    jaxpr = _traced(tx, params, grads)
     p, state, step = params, tx.init(params), jax.jit(tx.update)
     for _ in range(3):
       updates, state = step(grads, state, p)
