@@ -6,8 +6,7 @@ SPEC §4, the closed-form solve of SPEC §3, the W-step's RMS) is a product
 ``[m-side stack] @ (r × r coefficients)`` or a quadratic form in Gram matrices
 of such stacks. So each slice costs a handful of wide matrix products, each
 ``O((m + n) r²)``, and ``r × r`` eigendecompositions; nothing ``m × n`` is
-ever formed. On accelerators and CPUs alike the number of large products,
-not their flops, dominates the cost of LoRA-sized factors.
+ever formed.
 
 Frames (SPEC §5 damping ``δ``): with the symmetric roots
 ``L_A = (AᵀA + δ)^½`` and ``L_B = (BBᵀ + δ)^½``, ``Â = A L_A⁻ᵀ`` and ``B̂ = L_B⁻¹ B`` span ``A``'s
@@ -148,43 +147,78 @@ def slice_grams(a, b, grad_a, grad_b, damping: Array | float,
                     frames(gram_m[:r, :r], gram_n[:r, :r], damping, scale))
 
 
-def _row_quadratic_forms(x: Array, y: Array, form: Array) -> Array:
-  """``diag([x, y] form [x, y]ᵀ)`` for a symmetric ``2r × 2r`` ``form``.
+def small_matmul(x: Array, y: Array, unrolled: bool) -> Array:
+  """``x @ y`` over a short contracted axis (the rank ``r``).
 
-  Written as ``x (form₁₁ xᵀ + 2 form₂₁ᵀ yᵀ) + y form₂₂ yᵀ`` per row, so the
-  ``(m, r)`` stacks are read in place rather than copied into an ``(m, 2r)``.
-  The two halves are summed by one two-operand reduction: XLA's CPU backend
-  hands a plain row sum to YNNPACK, which cannot take in the products, so
-  they would be written out as an ``(m, r)`` array first (about 5 % of the
-  update's op time at 7B shapes; ``benchmarks/RESULTS.md``).
+  ``unrolled`` writes it as ``r`` broadcast multiply-adds instead of a dot.
+  XLA's CPU backend fuses those with the element-wise work around them into
+  one pass, which at ``r ≤ 16`` is faster than a skinny dot and its
+  temporaries (about 4 % of the update at 7B shapes); past that the dot wins
+  (``benchmarks/RESULTS.md``).
   """
-  r = x.shape[1]
-  mixed = y @ jnp.concatenate([2.0 * form[r:, :r], form[r:, r:]], axis=1)
+  if not unrolled:
+    return x @ y
+  return sum(x[:, k, None] * y[None, k] for k in range(x.shape[1]))
+
+
+def _quadratic_forms(x: Array, y: Array, form_x: Array, form_y: Array, *, axis: int,
+                     unrolled: bool) -> Array:
+  """``diag(x form_x xᵀ) + diag(y form_y yᵀ)`` for stacks along ``axis``.
+
+  ``x`` and ``y`` are ``(m, r)`` stacks read row by row (``axis=1``) or
+  ``(r, n)`` stacks read column by column (``axis=0``); the forms are
+  symmetric ``r × r``. With dots, the two halves are summed by one
+  two-operand reduction: XLA's CPU backend hands a plain sum to YNNPACK,
+  which cannot take in the products, so they would be written out first
+  (about 5 % of the update's op time at 7B shapes; ``benchmarks/RESULTS.md``).
+  """
+  if unrolled:
+    if axis == 1:
+      px, py = small_matmul(x, form_x, True), small_matmul(y, form_y, True)
+    else:
+      px, py = small_matmul(form_x, x, True), small_matmul(form_y, y, True)
+    return jnp.sum(x * px + y * py, axis=axis)
+  if axis == 0:  # the dots take in the transposes
+    x, y = x.T, y.T
   zero = jnp.zeros((), x.dtype)
   x_half, y_half = jax.lax.reduce(
-      (x * (x @ form[:r, :r] + mixed[:, :r]), y * mixed[:, r:]), (zero, zero),
+      (x * (x @ form_x), y * (y @ form_y)), (zero, zero),
       lambda u, v: (u[0] + v[0], u[1] + v[1]), (1,))
   return x_half + y_half
 
 
-def tangent_mean_squares(a, b, grad_a, grad_b, grams: SliceGrams
-                         ) -> tuple[Array, Array]:
+def tangent_mean_squares(a, b, grad_a, grad_b, grams: SliceGrams, *,
+                         unrolled: bool = False) -> tuple[Array, Array]:
   """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``.
 
-  ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂`` is ``U C V`` for the stacks
-  ``U = [A, grad_a]``, ``V = [B; grad_b]`` and an ``2r × 2r`` ``C``; its row
-  and column sums of squares are quadratic forms in ``U`` and ``V`` with
-  the Grams ``grams.m = UᵀU`` and ``grams.n = VVᵀ``.
+  ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂``, the part of ``X̂`` outside
+  ``B``'s row space. The rows of ``Â X̃`` and ``Ŷ B̂`` are orthogonal, and so
+  are the columns of ``Â X̂`` and ``(Ŷ − Â ÂᵀŶ) B̂``, another split of ``S``.
+  So each row's (column's) sum of squares is a sum of two quadratic forms,
+  one in the row of ``A`` (column of ``B``) and one in that of ``grad_a``
+  (``grad_b``), with ``r × r`` forms assembled from the Grams ``grams.m`` of
+  ``U = [A, grad_a]`` and ``grams.n`` of ``V = [B; grad_b]``. The cross terms
+  are zero for exact projections and factor gradients of one W-gradient, so
+  they are left out: under damping (SPEC §5) they would be ``O(δ)``, and for
+  gradients no W-gradient produces (weight decay added before the
+  optimizer, say) the statistic is the sum of the two parts' squares.
+
+  Args:
+    unrolled: see :func:`small_matmul`.
   """
   fr = grams.frames
   z = fr.inv_a @ grams.a_grad_a @ fr.to_y  # ÂᵀŶ
-  c_b_on_a = -fr.inv_a.T @ z @ fr.inv_b   # A (· B)
-  c_g_on_a = fr.inv_a.T @ fr.to_x         # A (· grad_b)
-  c_b_on_g = fr.to_y @ fr.inv_b           # grad_a (· B)
-  zero = jnp.zeros_like(c_b_on_a)
-  coef = jnp.block([[c_b_on_a, c_g_on_a], [c_b_on_g, zero]])
-  rows = _row_quadratic_forms(a, grad_a, coef @ grams.n @ coef.T)
-  cols = _row_quadratic_forms(b.T, grad_b.T, coef.T @ grams.m @ coef)
+  # S = U C V with C = [[b_on_a, g_on_a], [b_on_g, 0]]: A's and grad_a's
+  # coefficients of B and grad_b.
+  b_on_a = -fr.inv_a.T @ z @ fr.inv_b
+  g_on_a = fr.inv_a.T @ fr.to_x
+  b_on_g = fr.to_y @ fr.inv_b
+  on_a = jnp.concatenate([b_on_a, g_on_a], axis=1)  # Â X̃ = A on_a V
+  on_b = jnp.concatenate([b_on_a, b_on_g], axis=0)  # (Ŷ − Â ÂᵀŶ) B̂ = U on_b B
+  rows = _quadratic_forms(a, grad_a, on_a @ grams.n @ on_a.T,
+                          b_on_g @ grams.gram_b @ b_on_g.T, axis=1, unrolled=unrolled)
+  cols = _quadratic_forms(b, grad_b, on_b.T @ grams.m @ on_b,
+                          g_on_a.T @ grams.gram_a @ g_on_a, axis=0, unrolled=unrolled)
   # Sums of squares: clamp the rounding error of the quadratic forms at 0.
   return (jnp.maximum(rows, 0.0) / b.shape[1],
           jnp.maximum(cols, 0.0) / a.shape[0])
@@ -217,7 +251,8 @@ class Clipping(NamedTuple):
 
 
 def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
-          damping, clipping: Clipping | None = None) -> tuple[Array, Array]:
+          damping, clipping: Clipping | None = None, unrolled: bool = False
+          ) -> tuple[Array, Array]:
   """SPEC §3 for one slice with factor gradients ``E_A map_a`` and ``map_b E_B``.
 
   ``dA = s⁻² [g_A/ℓ − ½ A P⁻¹K] Q⁻¹`` and
@@ -230,6 +265,7 @@ def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
 
   Args:
     a_eff_a: ``Aᵀ E_A``.
+    unrolled: see :func:`small_matmul`.
 
   Returns:
     ``(dA, dB)``.
@@ -256,7 +292,8 @@ def solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a, row, col, *, scale,
         m=a.shape[0], n=b.shape[1], scale=scale)
     shrink = 1.0 / jnp.maximum(1.0, rms / clipping.threshold)
     lead_a, lead_b, cross = lead_a * shrink, lead_b * shrink, cross * shrink
-  return scaled_a @ lead_a + a @ cross, lead_b @ scaled_b + cross @ b
+  return (small_matmul(scaled_a, lead_a, unrolled) + small_matmul(a, cross, unrolled),
+          small_matmul(lead_b, scaled_b, unrolled) + small_matmul(cross, b, unrolled))
 
 
 def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array,

@@ -35,6 +35,10 @@ _CHUNK_BYTES = 12 * 2**20
 # 19 s alone, 9 s joined); the 224 small pairs of benchmarks.compile_time's
 # 32 layers, all in one chunk, took 51 s alone and 4.7 s joined.
 _JOIN_ABOVE_PAIRS = 32
+# On CPU, the (m, r) @ (r, r) products are unrolled up to this rank
+# (``gram.small_matmul``): 7B shapes, two layers, r = 16, 4 % faster; 9 % at
+# r = 8; 1.2× slower at r = 32 (benchmarks/RESULTS.md).
+_UNROLL_MAX_RANK = 16
 
 
 class WeightStats(NamedTuple):
@@ -172,6 +176,7 @@ def scale_by_adaprelora(
     raise ValueError(f"statistics must be 'auto', 'tangent' or 'full', got "
                      f"{statistics!r}.")
   with_momentum = b1 is not None
+  on_cpu = jax.default_backend() == "cpu"
 
   def slice_init(m: int, n: int, rank: int, dtype) -> PairState:
     zeros = lambda *shape: jnp.zeros(shape, dtype)
@@ -186,8 +191,9 @@ def scale_by_adaprelora(
     # The m- and n-side Grams that everything below is assembled from.
     grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale)
     fr, a_grad_a = grams.frames, grams.a_grad_a
+    unrolled = on_cpu and a.shape[1] <= _UNROLL_MAX_RANK
     if stats is None:
-      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams)
+      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams, unrolled=unrolled)
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
     v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats, beta, eps)
     row, col = moments.scalings(v_row, v_col, count, b2)
@@ -204,7 +210,7 @@ def scale_by_adaprelora(
                 gram.Clipping(clipping_threshold, grams.gram_a, grams.gram_b))
     delta_a, delta_b = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a,
                                   row, col, scale=lora_scale, damping=damping,
-                                  clipping=clipping)
+                                  clipping=clipping, unrolled=unrolled)
     return delta_a, delta_b, PairState(v_row, v_col, mu_y, mu_x)
 
   def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
@@ -226,7 +232,6 @@ def scale_by_adaprelora(
     return {p.key: _full_stats(p, weight_stats[p.key])
             for p in pairs.pairs if p.key in weight_stats}
 
-  on_cpu = jax.default_backend() == "cpu"
   return pairwise_transformation(
       "scale_by_adaprelora", slice_init, slice_update,
       fallback=optax.scale_by_adam() if fallback is None else fallback,

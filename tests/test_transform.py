@@ -267,3 +267,46 @@ def test_damped_inverse_of_a_rounded_rank_one_gram_is_finite():
     delta = 1e-6 * float(jnp.trace(gram_b)) / 16
     evals = np.linalg.eigvalsh(np.asarray(inv, np.float64))
     assert evals.min() > -1e-6 * evals.max() and evals.max() <= 1.001 / delta
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+  """Output shapes of every ``dot_general`` in ``jaxpr`` and the jaxprs nested in it."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes.append(eqn.outvars[0].aval.shape)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          shapes += _dot_output_shapes(sub)
+  return shapes
+
+
+def test_unrolled_small_products_match_the_dots(x64):
+  """``gram.small_matmul``'s unrolled form changes how the products are computed, not what."""
+  p = random_pair(41, 23, 17, 4)
+  a, b, grad_a, grad_b = (jnp.asarray(p[k]) for k in ("a", "b", "grad_a", "grad_b"))
+  grams = gram.slice_grams(a, b, grad_a, grad_b, 1e-4, p["scale"])
+  clipping = gram.Clipping(1e-3, grams.gram_a, grams.gram_b)  # small: the shrink is active
+  eye = jnp.eye(4)
+  outs = {}
+  for unrolled in (False, True):
+    stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams, unrolled=unrolled)
+    steps = gram.solve(a, b, grad_a, eye, grad_b, eye, grams.a_grad_a, p["row"], p["col"],
+                       scale=p["scale"], damping=1e-4, clipping=clipping, unrolled=unrolled)
+    outs[unrolled] = (*stats, *steps)
+  for dots, unrolled in zip(outs[False], outs[True]):
+    np.testing.assert_allclose(unrolled, dots, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rank, unrolled", [(16, True), (17, False)])
+def test_small_ranks_skip_the_skinny_dots_on_cpu(rank, unrolled):
+  """On CPU, up to ``_UNROLL_MAX_RANK`` no product has an ``m`` or ``n`` sized output."""
+  assert jax.default_backend() == "cpu"
+  m, n = 40, 24
+  params = {"proj": {"lora_a": jnp.ones((m, rank)), "lora_b": jnp.ones((rank, n))}}
+  tx = scale_by_adaprelora()
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  wide = [s for s in _dot_output_shapes(jaxpr) if m in s or n in s]
+  assert (not wide) == unrolled, wide
