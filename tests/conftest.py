@@ -39,14 +39,20 @@ def h_projection(d, a, b, row, col):
   return (jac @ coef).reshape(m, n)
 
 
-def count_primitive(jaxpr, name: str) -> int:
-  """Occurrences of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
-  count = 0
+def primitive_equations(jaxpr, name: str) -> list:
+  """The equations of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
+  found = []
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
+    if eqn.primitive.name == name:
+      found.append(eqn)
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
         if hasattr(sub, "eqns"):
-          count += count_primitive(sub, name)
-  return count
+          found += primitive_equations(sub, name)
+  return found
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive ``name`` in ``jaxpr`` and the jaxprs nested in its equations."""
+  return len(primitive_equations(jaxpr, name))
