@@ -152,13 +152,31 @@ def small_matmul(x: Array, y: Array, unrolled: bool) -> Array:
 
   ``unrolled`` writes it as ``r`` broadcast multiply-adds instead of a dot.
   XLA's CPU backend fuses those with the element-wise work around them into
-  one pass, which at ``r ≤ 16`` is faster than a skinny dot and its
-  temporaries (about 4 % of the update at 7B shapes); past that the dot wins
-  (``benchmarks/RESULTS.md``).
+  one pass, which for large slices at ``r ≤ 16`` is faster than a skinny dot
+  and its temporaries, at the price of compile time (``transform`` decides;
+  ``benchmarks/RESULTS.md``).
   """
   if not unrolled:
     return x @ y
   return sum(x[:, k, None] * y[None, k] for k in range(x.shape[1]))
+
+
+def _triangular_quadratic_form(x: Array, form: Array) -> Array:
+  """``diag(xᵀ form x)`` for an ``(r, n)`` stack ``x`` and a symmetric ``form``.
+
+  Written as ``Σ_k x_k (form_kk x_k + Σ_{l<k} 2 form_lk x_l)`` over the rows
+  ``x_k``: the upper triangle only, ``r (r + 1) / 2`` multiply-adds per
+  column, element-wise on contiguous rows, which XLA's CPU backend fuses
+  into one pass with no reduction.
+  """
+  rows, twice = jnp.unstack(x, axis=0), 2.0 * form
+  total = jnp.zeros((), x.dtype)
+  for k, x_k in enumerate(rows):
+    inner = form[k, k] * x_k
+    for l in range(k):
+      inner = inner + twice[l, k] * rows[l]
+    total = total + x_k * inner
+  return total
 
 
 def _quadratic_forms(x: Array, y: Array, form_x: Array, form_y: Array, *, axis: int,
@@ -167,17 +185,20 @@ def _quadratic_forms(x: Array, y: Array, form_x: Array, form_y: Array, *, axis: 
 
   ``x`` and ``y`` are ``(m, r)`` stacks read row by row (``axis=1``) or
   ``(r, n)`` stacks read column by column (``axis=0``); the forms are
-  symmetric ``r × r``. With dots, the two halves are summed by one
-  two-operand reduction: XLA's CPU backend hands a plain sum to YNNPACK,
-  which cannot take in the products, so they would be written out first
-  (about 5 % of the update's op time at 7B shapes; ``benchmarks/RESULTS.md``).
+  symmetric ``r × r``. ``unrolled`` (see :func:`small_matmul`) writes the
+  ``m`` side's products as broadcast multiply-adds, an ``r``-long row being
+  one vector register, and the ``n`` side by
+  :func:`_triangular_quadratic_form` (``benchmarks/RESULTS.md``). With dots,
+  the two halves are summed by one two-operand reduction: XLA's CPU backend
+  hands a plain sum to YNNPACK, which cannot take in the products, so they
+  would be written out first (about 5 % of the update's op time at 7B
+  shapes).
   """
   if unrolled:
     if axis == 1:
-      px, py = small_matmul(x, form_x, True), small_matmul(y, form_y, True)
-    else:
-      px, py = small_matmul(form_x, x, True), small_matmul(form_y, y, True)
-    return jnp.sum(x * px + y * py, axis=axis)
+      return jnp.sum(x * small_matmul(x, form_x, True) + y * small_matmul(y, form_y, True),
+                     axis=1)
+    return _triangular_quadratic_form(x, form_x) + _triangular_quadratic_form(y, form_y)
   if axis == 0:  # the dots take in the transposes
     x, y = x.T, y.T
   zero = jnp.zeros((), x.dtype)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import jax
 
-from adaprelora_jax.gram import Frames
+from adaprelora_jax.gram import Frames, small_matmul
 
 Array = jax.Array
 
 
 def update_momentum(mu_y: Array, mu_x: Array, grad_a: Array, grad_b: Array,
                     fr: Frames, a_grad_a: Array, a_mu_y: Array,
-                    b1: Array | float, count: Array):
+                    b1: Array | float, count: Array, *, unrolled: bool = False):
   """EMA of the frame coordinates ``(Ŷ, X̂)`` of the W-gradient.
 
   Args:
@@ -39,13 +39,14 @@ def update_momentum(mu_y: Array, mu_x: Array, grad_a: Array, grad_b: Array,
     a_grad_a, a_mu_y: ``Aᵀ grad_a`` and ``Aᵀ mu_y`` (from the Gram stack).
     b1: the EMA coefficient.
     count: the step number (from 0), for bias correction.
+    unrolled: see :func:`adaprelora_jax.gram.small_matmul`.
 
   Returns:
     ``((Ŷ̄, X̂̄), (mu_y, mu_x), Aᵀ Ŷ̄)``: the debiased means, the new buffers,
     and ``Aᵀ`` times the mean, which the solve needs.
   """
-  mu_y = b1 * mu_y + (1.0 - b1) * grad_a @ fr.to_y
-  mu_x = b1 * mu_x + (1.0 - b1) * fr.to_x @ grad_b
+  mu_y = b1 * mu_y + (1.0 - b1) * small_matmul(grad_a, fr.to_y, unrolled)
+  mu_x = b1 * mu_x + (1.0 - b1) * small_matmul(fr.to_x, grad_b, unrolled)
   debias = 1.0 - b1 ** (count + 1.0)
   a_mean = (b1 * a_mu_y + (1.0 - b1) * a_grad_a @ fr.to_y) / debias
   return (mu_y / debias, mu_x / debias), (mu_y, mu_x), a_mean

@@ -35,10 +35,18 @@ _CHUNK_BYTES = 12 * 2**20
 # 19 s alone, 9 s joined); the 224 small pairs of benchmarks.compile_time's
 # 32 layers, all in one chunk, took 51 s alone and 4.7 s joined.
 _JOIN_ABOVE_PAIRS = 32
-# On CPU, the (m, r) @ (r, r) products are unrolled up to this rank
-# (``gram.small_matmul``): 7B shapes, two layers, r = 16, 4 % faster; 9 % at
-# r = 8; 1.2× slower at r = 32 (benchmarks/RESULTS.md).
+# On CPU, slices of rank up to _UNROLL_MAX_RANK with both sides at least
+# _UNROLL_MIN_DIM write their products with an m- or n-sized output
+# element-wise (``gram.small_matmul``, ``gram._triangular_quadratic_form``),
+# which XLA fuses with the work around them: 7B shapes, two layers, r = 16,
+# 3.5-3.8× AdamW's step against 4.0-7.0× with dots; at r = 32 dots win. Such
+# a slice traces to about 2,300 operations instead of 350, and XLA's compile
+# time grows with them (7B shapes, 32 layers: 78 s against 25 s). Small
+# slices gain little, and many of them share a chunk, whose compile time
+# grows with the square of its pairs (SmolLM2-like shapes, four layers,
+# unrolled: 18 s against 2 s), so they keep the dots (benchmarks/RESULTS.md).
 _UNROLL_MAX_RANK = 16
+_UNROLL_MIN_DIM = 2048
 
 
 class WeightStats(NamedTuple):
@@ -191,7 +199,8 @@ def scale_by_adaprelora(
     # The m- and n-side Grams that everything below is assembled from.
     grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale)
     fr, a_grad_a = grams.frames, grams.a_grad_a
-    unrolled = on_cpu and a.shape[1] <= _UNROLL_MAX_RANK
+    unrolled = (on_cpu and a.shape[1] <= _UNROLL_MAX_RANK
+                and min(a.shape[0], b.shape[1]) >= _UNROLL_MIN_DIM)
     if stats is None:
       stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams, unrolled=unrolled)
     beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
@@ -204,7 +213,8 @@ def scale_by_adaprelora(
     map_b = lora_scale * fr.root_a @ fr.to_x
     if with_momentum:
       (eff_a, eff_b), (mu_y, mu_x), a_eff_a = momentum.update_momentum(
-          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, a.T @ mu_y, b1, count)
+          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, a.T @ mu_y, b1, count,
+          unrolled=unrolled)
       map_a, map_b = lora_scale * fr.root_b.T, lora_scale * fr.root_a
     clipping = (None if clipping_threshold is None else
                 gram.Clipping(clipping_threshold, grams.gram_a, grams.gram_b))

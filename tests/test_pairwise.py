@@ -192,9 +192,8 @@ def test_each_chunk_is_one_conditional_after_the_previous(monkeypatch):
 
 
 def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
-  """The CPU-tuned layout (pairs alone, chunks, unrolled small products) and the accelerator
-  one (roles joined, no chunks, dots) trace different programs for the same updates, up to
-  float32 rounding (the parameters end up of order one)."""
+  """The CPU-tuned layout (pairs alone, chunks) and the accelerator one (roles joined, no
+  chunks) trace different programs for the same updates."""
   params, grads = _model(layers=2)
   with monkeypatch.context() as patch:
     patch.setattr(jax, "default_backend", lambda: "gpu")
@@ -211,5 +210,5 @@ def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
 
   (joined_eighs, joined_params), (alone_eighs, alone_params) = run(joined), run(alone)
   assert 2 * joined_eighs == alone_eighs  # 7 roles of 2 layers against 14 pairs
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5),
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                joined_params, alone_params)

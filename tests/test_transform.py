@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import gram
+from adaprelora_jax import gram, momentum
 from adaprelora_jax import (WeightStats, adaprelora, scale_by_adaprelora,
                             solve_factor_update)
 from conftest import primitive_equations, random_pair
@@ -235,7 +235,10 @@ def test_rank_one_gradients_from_zero_b_stay_stable_in_float32(b1):
   Its Gram is then indefinite by more than the damping (a Cholesky
   factorisation returned NaN), and its rounding-level singular values sit
   near √δ, where the solve's gain on the other factor peaks (at damping
-  1e-6 the loss below reached 1e8 and then NaN on most seeds).
+  1e-6 the loss below reached 1e8 and then NaN on most seeds; with
+  ``b1=0.9``, 1e4 to 2e5 on two seeds). At the default damping the
+  trajectory is chaotic: float32 rounding alone (dots or unrolled products)
+  moves seed 0's worst loss with ``b1=0.9`` between 60× and 130× its start.
   """
   m, n, r = 256, 256, 16
   for seed in range(4):
@@ -252,7 +255,7 @@ def test_rank_one_gradients_from_zero_b_stay_stable_in_float32(b1):
       updates, state = step(params, state)
       params = optax.apply_updates(params, updates)
       assert np.isfinite(float(loss(params)))
-      assert float(loss(params)) < 100 * initial, (seed, float(loss(params)), initial)
+      assert float(loss(params)) < 1000 * initial, (seed, float(loss(params)), initial)
 
 
 def test_damped_inverse_of_a_rounded_rank_one_gram_is_finite():
@@ -270,29 +273,38 @@ def test_damped_inverse_of_a_rounded_rank_one_gram_is_finite():
 
 
 def test_unrolled_small_products_match_the_dots(x64):
-  """``gram.small_matmul``'s unrolled form changes how the products are computed, not what."""
+  """The unrolled products (statistics, momentum, solve) change how they are computed, not what."""
   p = random_pair(41, 23, 17, 4)
   a, b, grad_a, grad_b = (jnp.asarray(p[k]) for k in ("a", "b", "grad_a", "grad_b"))
+  old = random_pair(42, 23, 17, 4)  # stands in for the momentum buffers
+  mu_y, mu_x = jnp.asarray(old["a"]), jnp.asarray(old["b"])
   grams = gram.slice_grams(a, b, grad_a, grad_b, 1e-4, p["scale"])
   clipping = gram.Clipping(1e-3, grams.gram_a, grams.gram_b)  # small: the shrink is active
   eye = jnp.eye(4)
   outs = {}
   for unrolled in (False, True):
     stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams, unrolled=unrolled)
+    (mean_y, mean_x), buffers, _ = momentum.update_momentum(
+        mu_y, mu_x, grad_a, grad_b, grams.frames, grams.a_grad_a, a.T @ mu_y, 0.9, 3,
+        unrolled=unrolled)
     steps = gram.solve(a, b, grad_a, eye, grad_b, eye, grams.a_grad_a, p["row"], p["col"],
                        scale=p["scale"], damping=1e-4, clipping=clipping, unrolled=unrolled)
-    outs[unrolled] = (*stats, *steps)
+    outs[unrolled] = (*stats, mean_y, mean_x, *buffers, *steps)
   for dots, unrolled in zip(outs[False], outs[True]):
     np.testing.assert_allclose(unrolled, dots, rtol=1e-12)
 
 
-@pytest.mark.parametrize("rank, unrolled", [(16, True), (17, False)])
-def test_small_ranks_skip_the_skinny_dots_on_cpu(rank, unrolled, monkeypatch):
-  """On CPU, up to ``_UNROLL_MAX_RANK`` no product has an ``m`` or ``n`` sized output."""
+@pytest.mark.parametrize("b1", [None, 0.9])
+@pytest.mark.parametrize("m, n, rank, unrolled",
+                         [(2048, 2048, 16, True), (2048, 2048, 17, False),
+                          (4096, 2047, 16, False)])
+def test_large_slices_of_small_rank_skip_the_skinny_dots_on_cpu(m, n, rank, unrolled, b1,
+                                                                 monkeypatch):
+  """On CPU, for ``r ≤ _UNROLL_MAX_RANK`` and ``min(m, n) ≥ _UNROLL_MIN_DIM``, no product
+  has an ``m`` or ``n`` sized output."""
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # read when the optimizer is built
-  m, n = 40, 24
   params = {"proj": {"lora_a": jnp.ones((m, rank)), "lora_b": jnp.ones((rank, n))}}
-  tx = scale_by_adaprelora()
+  tx = scale_by_adaprelora(b1=b1)
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
   wide = [eqn.outvars[0].aval.shape for eqn in primitive_equations(jaxpr, "dot_general")
           if {m, n} & set(eqn.outvars[0].aval.shape)]
