@@ -32,8 +32,9 @@ _CHUNK_BYTES = 12 * 2**20
 # shapes, 8 layers: 4.0× AdamW's step alone, 4.9× joined), but XLA compiles a
 # chunk in time growing with the square of its pairs. 7B shapes hold about 7
 # per chunk, so they compile in time linear in depth (32 layers: first call
-# 19 s alone, 9 s joined); the 224 small pairs of benchmarks.compile_time's
-# 32 layers, all in one chunk, took 51 s alone and 4.7 s joined.
+# 19 s alone, 9 s joined, with dots; unrolled as below, 78 s alone); the 224
+# small pairs of benchmarks.compile_time's 32 layers, all in one chunk, took
+# 51 s alone and 4.7 s joined.
 _JOIN_ABOVE_PAIRS = 32
 # On CPU, slices of rank up to _UNROLL_MAX_RANK with both sides at least
 # _UNROLL_MIN_DIM write their products with an m- or n-sized output
