@@ -21,18 +21,20 @@ Statistics = Literal["auto", "tangent", "full"]
 # (benchmarks/RESULTS.md, "Where the time goes"); elsewhere every role's
 # layers are joined and nothing is chunked, the fewest and largest kernels.
 #
-# On CPU the update holds about 1.5× its inputs in temporaries. Chunks of
-# 12 MiB of factors, gradients and state (one layer of 7B shapes at r = 16)
-# keep them under the 32 MiB above which glibc maps every call's buffer
-# afresh, and leave several pairs per chunk for XLA to overlap.
-_CHUNK_BYTES = 12 * 2**20
+# On CPU the update holds about 0.7× its inputs in temporaries (1.5× before
+# the products below were unrolled). Chunks of 24 MiB of factors, gradients
+# and state (two layers of 7B shapes at r = 16, 16 MiB of temporaries) keep
+# them under the 32 MiB above which glibc maps every call's buffer afresh,
+# and leave 14 pairs per chunk for XLA to overlap: 2-6 % faster than one
+# layer per chunk at 2-8 layers, 4-9 % with momentum.
+_CHUNK_BYTES = 24 * 2**20
 # On CPU, each pair is solved alone unless a chunk would then hold more than
 # this many pairs (small matrices); then each role's layers are joined.
 # Joining copies the factors and gradients and batches their products (7B
-# shapes, 8 layers: 4.0× AdamW's step alone, 4.9× joined), but XLA compiles a
-# chunk in time growing with the square of its pairs. 7B shapes hold about 7
+# shapes, 8 layers: 3.7× AdamW's step alone, 4.4× joined), but XLA compiles a
+# chunk in time growing with the square of its pairs. 7B shapes hold about 14
 # per chunk, so they compile in time linear in depth (32 layers: first call
-# 19 s alone, 9 s joined, with dots; unrolled as below, 78 s alone); the 224
+# 19 s alone, 9 s joined, with dots; unrolled as below, 75 s alone); the 224
 # small pairs of benchmarks.compile_time's 32 layers, all in one chunk, took
 # 51 s alone and 4.7 s joined.
 _JOIN_ABOVE_PAIRS = 32
