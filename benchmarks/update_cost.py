@@ -46,7 +46,9 @@ SHAPES = {
     "down": (14336, 4096),
 }
 SIZES = {
-    "cpu": dict(layers=2, repeats=10, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(1, 2, 4, 8)),
+    # On this shared 2-core CPU one step in five or six runs 20-80 % slow; a median of 10
+    # put a third of the processes about 20 % high, one of 30 none (benchmarks/RESULTS.md).
+    "cpu": dict(layers=2, repeats=30, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(1, 2, 4, 8)),
     "gpu": dict(layers=32, repeats=50, ranks=(4, 8, 16, 32, 64, 128), layer_counts=(4, 8, 16, 32)),
 }
 DENSE_STATE = ("lora_pro_full",)  # m×n moments: timed in a pass of their own, not in the sweeps
@@ -238,16 +240,17 @@ def main(argv: list[str] | None = None) -> dict:
       device=device, layers=layers, rank=args.rank, repeats=repeats, evict_mib=args.evict_mib
   )
 
-  def run(names: list[str], layers: int, rank: int) -> dict:
+  def run(names: list[str], layers: int, rank: int, repeats: int = repeats) -> dict:
     return measure(names, layers, rank, repeats, args.shrink, evict_mib=args.evict_mib)
 
   # The m×n-state optimizers stream gigabytes per step, which slows whatever is
   # timed right after them (LoRA-RITE read 24x AdamW interleaved with them, 5x
-  # without), so they are timed in a pass of their own, against AdamW again.
+  # without), so they are timed in a pass of their own, against AdamW again. Their
+  # steps take seconds and read hundreds of times AdamW's, so ten of them suffice.
   dense = [n for n in names if n in DENSE_STATE]
   result["main"] = run(scaled, layers, args.rank)
   if dense:
-    rows = run(dense, layers, args.rank)
+    rows = run(dense, layers, args.rank, min(repeats, 10))
     result["main"] |= {name: rows[name] for name in dense}
   print(
       f"\n{layers} layers x 7 LoRA pairs, r={args.rank}, device={device}\n{table(result['main'])}"
