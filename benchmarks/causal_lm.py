@@ -13,8 +13,8 @@ reference line.
 Every optimizer of :data:`benchmarks.family.FAMILY` trains under the same
 schedule (linear warmup over 10% of the steps, then cosine decay to 0), the
 same decoupled weight decay, the same adapter init and the same batch order;
-only the peak learning rate is swept, on a grid of the same size for every
-method::
+only the peak learning rate is swept, on windows of :data:`benchmarks.family.GRID`
+of the same size for every method::
 
   python -m benchmarks.causal_lm               # CPU: 5 methods x 2 lrs, 40 steps of 4 x 64 tokens
   python -m benchmarks.causal_lm --size gpu    # whole family x family.GRID, 300 steps of 16 x 128
@@ -22,7 +22,8 @@ method::
 
 Results go to ``--out``: ``causal_lm.json`` (every run, rewritten after each
 one) and ``causal_lm.png`` (held-out perplexity and train loss at each
-method's best lr, and final perplexity vs lr).
+method's best lr, and final perplexity vs lr). The loop is
+:mod:`benchmarks.train_loop`'s, the table and plots :mod:`benchmarks.report`'s.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks import finetune
+from benchmarks import report as rep
 from benchmarks.family import (
     FAMILY,
     GRID,
@@ -63,6 +65,7 @@ from benchmarks.fortunes import (
 )
 from benchmarks.sizes import fill_defaults
 from benchmarks.smollm2 import TRAINABLE, lm_loss, load_smollm2
+from benchmarks.train_loop import make_train_step, train
 
 WEIGHT_DECAY = 0.01  # the same decoupled decay, on every adapter, for every optimizer
 WARMUP_FRAC = 0.1
@@ -71,19 +74,17 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EVAL_SEED = 1234  # fixes the held-out subset, independently of the run seed
 LOSS_WINDOW = 5  # running mean of the plotted train loss
 
-# Each method's best lr in the MiniLM sweep (finetune.py's TUNED_LR) and one 1-3-10 rung below it.
-CPU_GRIDS: dict[str, tuple[float, ...]] = {
-    "adamw": (3e-3, 1e-2),
-    "adafactor": (1e-3, 3e-3),
-    "lora_plus": (3e-4, 1e-3),  # B's lr is 16x the peak lr
-    "scaled_adamw": (3e-3, 1e-2),
-    "lora_pro": (3e-3, 1e-2),
-    "lora_pro_full": (1e-3, 3e-3),
-    "lora_rite": (1e-3, 3e-3),
-    "adaprelora": (1e-3, 3e-3),
-    "adaprelora_b1": (1e-3, 3e-3),
-}
-"""Peak lrs per method at ``--size cpu``; ``--size gpu`` sweeps :data:`~benchmarks.family.GRID`."""
+
+def cpu_grid(name: str) -> tuple[float, ...]:
+  """Peak lrs at ``--size cpu``: the window of :data:`~benchmarks.family.GRID` ending at the MiniLM best.
+
+  Two points: the method's best lr in the MiniLM sweep (``finetune.TUNED_LR``,
+  that of :func:`benchmarks.finetune.family`'s stand-in for a method it did
+  not tune) and the grid point below it. ``--size gpu`` sweeps all of
+  :data:`~benchmarks.family.GRID`.
+  """
+  i = GRID.index(finetune.TUNED_LR[finetune.family(name)])
+  return GRID[max(i - 1, 0) : i + 1]
 
 SIZES: dict[str, dict[str, Any]] = {
     # 10 runs of 40 steps and 4 evals of 2k tokens: 23 minutes measured on 2 CPU cores shared
@@ -156,18 +157,6 @@ def train_batches(data: LMData, batch: int, steps: int, seed: int) -> list[Batch
   return list(itertools.islice(epochs, steps))
 
 
-def _make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-  def loss_fn(trainable, frozen, ids, mask):
-    return lm_loss(nnx.merge(graphdef, trainable, frozen), ids, mask)
-
-  def step(trainable, opt_state, frozen, ids, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
 def run(
     setup: Setup,
     name: str,
@@ -179,41 +168,35 @@ def run(
     eval_every: int,
     seed: int = 0,
     progress: bool = True,
+    stop_on_nonfinite_loss: bool = False,
 ) -> dict:
   """Trains the adapters with ``factory(family.warmup_cosine(lr, steps, WARMUP_FRAC), WEIGHT_DECAY)``.
 
   Held-out perplexity is measured every ``eval_every`` steps and after the
   last one; step 0 is the shared zero-shot perplexity. Returns a JSON-ready
   dict: settings, ``losses`` (train loss per step), ``eval_steps``/``ppl``,
-  ``final_ppl``, ``best_ppl`` (step 0 included) and wall times.
+  ``final_ppl`` (NaN when stopped at a non-finite loss), ``best_ppl`` (step 0
+  included) and wall times.
   """
   start = time.perf_counter()
   tx = factory(warmup_cosine(lr, steps, WARMUP_FRAC), WEIGHT_DECAY)
   trainable = jax.tree.map(jnp.copy, setup.trainable)  # the step donates its input
-  opt_state = tx.init(trainable)
-  train_step = _make_train_step(setup.graphdef, tx)
-  eval_at = eval_schedule(steps, eval_every)
-  losses, eval_steps, ppl = [], [0], [setup.zero_shot_ppl]
-  times = {"first_step_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
-  bar = tqdm(
+  _, record = train(
+      make_train_step(setup.graphdef, tx, lm_loss),
+      trainable,
+      tx.init(trainable),
+      setup.frozen,
       train_batches(setup.train, batch, steps, seed),
+      steps=steps,
+      evaluate=setup.heldout_ppl,
+      eval_at=eval_schedule(steps, eval_every),
       desc=f"{name} lr={lr:g}",
-      leave=False,
-      disable=not progress,
+      metric="ppl",
+      progress=progress,
+      skip_eval_after_nonfinite_loss=True,
+      stop_on_nonfinite_loss=stop_on_nonfinite_loss,
   )
-  for t, (ids, mask) in enumerate(bar, start=1):
-    tick = time.perf_counter()
-    trainable, opt_state, loss = train_step(trainable, opt_state, setup.frozen, ids, mask)
-    losses.append(float(loss))
-    times["train_s"] += time.perf_counter() - tick
-    if t == 1:
-      times["first_step_s"] = times["train_s"]  # mostly compilation
-    if t in eval_at:
-      tick = time.perf_counter()
-      ppl.append(setup.heldout_ppl(trainable) if math.isfinite(losses[-1]) else math.nan)
-      eval_steps.append(t)
-      times["eval_s"] += time.perf_counter() - tick
-      bar.set_postfix(loss=f"{losses[-1]:.3f}", ppl=f"{ppl[-1]:.2f}")
+  ppl = [setup.zero_shot_ppl, *record["values"]]
   return dict(
       optimizer=name,
       lr=lr,
@@ -221,22 +204,18 @@ def run(
       steps=steps,
       batch=batch,
       warmup_steps=warmup_steps(WARMUP_FRAC, steps),
-      losses=losses,
-      eval_steps=eval_steps,
+      losses=record["losses"],
+      eval_steps=[0, *record["eval_steps"]],
       ppl=ppl,
-      final_ppl=ppl[-1],
+      final_ppl=ppl[-1] if record["stopped_at"] is None else math.nan,
       best_ppl=float(np.nanmin(ppl)),
-      finite=bool(np.all(np.isfinite(losses))),
+      finite=bool(np.all(np.isfinite(record["losses"]))),
       wall_s=time.perf_counter() - start,
-      **times,
+      **{k: record[k] for k in ("first_step_s", "train_s", "eval_s")},
   )
 
 
 # ------------------------------------------------------------------------ reporting
-
-
-def _final_or_inf(r: dict) -> float:
-  return r["final_ppl"] if math.isfinite(r["final_ppl"]) else math.inf
 
 
 def summarize(runs: Sequence[dict]) -> dict[str, dict]:
@@ -249,49 +228,44 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict]:
         last_losses=float(np.mean(r["losses"][-LOSS_WINDOW:])),
     )
   for name, s in summary.items():
-    by_lr = {r["lr"]: r for r in runs if r["optimizer"] == name}
-    s["best_lr"] = min(by_lr, key=lambda lr: _final_or_inf(by_lr[lr]))
+    finals = {r["lr"]: {r["seed"]: r["final_ppl"]} for r in runs if r["optimizer"] == name}
+    s["best_lr"] = rep.best_lr(finals, higher_is_better=False)
   return summary
 
 
 def format_table(summary: dict[str, dict], zero_shot: float) -> str:
   """Markdown table: final and best held-out perplexity and late train loss per optimizer and lr."""
-  lines = [
-      f"zero-shot held-out perplexity (step 0, every run): {zero_shot:.3f}",
-      "",
-      f"| optimizer | lr | final ppl | vs zero-shot | best ppl | train loss (last {LOSS_WINDOW}) |",
-      "|---|---|---|---|---|---|",
-  ]
-  for name, s in summary.items():
-    for lr, st in s["lrs"].items():
-      star = " *" if lr == s["best_lr"] else ""
-      lines.append(
-          f"| {name}{star} | {lr:g} | {st['final_ppl']:.3f} | "
-          f"{100 * (st['final_ppl'] / zero_shot - 1):+.1f}% | {st['best_ppl']:.3f} | "
-          f"{st['last_losses']:.3f} |"
-      )
-  lines.append("(* best lr: lowest final held-out perplexity)")
-  return "\n".join(lines)
+  table = rep.sweep_table(
+      summary,
+      {
+          "final ppl": lambda st: f"{st['final_ppl']:.3f}",
+          "vs zero-shot": lambda st: f"{100 * (st['final_ppl'] / zero_shot - 1):+.1f}%",
+          "best ppl": lambda st: f"{st['best_ppl']:.3f}",
+          f"train loss (last {LOSS_WINDOW})": lambda st: f"{st['last_losses']:.3f}",
+      },
+  )
+  return "\n".join(
+      [
+          f"zero-shot held-out perplexity (step 0, every run): {zero_shot:.3f}",
+          "",
+          *table,
+          "(* best lr: lowest final held-out perplexity)",
+      ]
+  )
 
 
 def plot(runs: Sequence[dict], summary: dict[str, dict], zero_shot: float, path: Path) -> None:
   """Held-out perplexity and train loss (running mean) vs step at each best lr; final ppl vs lr."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (curves, losses, sweep) = plt.subplots(1, 3, figsize=(18, 5))
-  colors = plt.get_cmap("tab10").colors
-  for color, (name, s) in zip(itertools.cycle(colors), summary.items()):
+  fig, (curves, losses, sweep) = rep.figure(3, width=6.0, height=5.0)
+  for color, (name, s) in zip(itertools.cycle(rep.colors()), summary.items()):
     r = next(r for r in runs if r["optimizer"] == name and r["lr"] == s["best_lr"])
     label = f"{name} (lr={s['best_lr']:g})"
-    curves.plot(r["eval_steps"], r["ppl"], marker="o", markersize=3, color=color, label=label)
+    rep.band(curves, r["eval_steps"], [r["ppl"]], label, color=color)
     window = min(LOSS_WINDOW, len(r["losses"]))
     smooth = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
     losses.plot(np.arange(window, len(r["losses"]) + 1), smooth, color=color, label=label)
     lrs = list(s["lrs"])
-    sweep.plot(lrs, [s["lrs"][lr]["final_ppl"] for lr in lrs], marker="o", color=color, label=name)
+    rep.lr_line(sweep, lrs, [[s["lrs"][lr]["final_ppl"]] for lr in lrs], name, color=color)
   for ax in (curves, sweep):
     ax.axhline(zero_shot, color="gray", linestyle=":", label="zero-shot")
     ax.set_ylabel("held-out perplexity")
@@ -304,12 +278,7 @@ def plot(runs: Sequence[dict], summary: dict[str, dict], zero_shot: float, path:
   sweep.set_xlabel("peak learning rate")
   for ax in (curves, losses):
     ax.set_xlabel("step")
-  for ax in (curves, losses, sweep):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  rep.save(fig, (curves, losses, sweep), path)
 
 
 # ---------------------------------------------------------------------------- main
@@ -326,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "--lrs",
       nargs="+",
       type=float,
-      help="peak lrs for every optimizer (default: the size's grids)",
+      help="peak lrs for every optimizer (default: cpu_grid at --size cpu, family.GRID at gpu)",
   )
   parser.add_argument("--steps", type=int)
   parser.add_argument("--batch", type=int)
@@ -344,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   fill_defaults(args, SIZES[args.size])
   factories = select(args.optimizers)
-  grid = lambda name: args.lrs or (CPU_GRIDS[name] if args.size == "cpu" else GRID)
+  grid = lambda name: args.lrs or (cpu_grid(name) if args.size == "cpu" else GRID)
 
   start = time.perf_counter()
   setup = prepare(

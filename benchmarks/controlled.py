@@ -41,8 +41,12 @@ WLoss = Callable[[jax.Array], jax.Array]
 """A problem's loss as a function of the adapter's product ``ΔW = A B``."""
 Problem = Callable[[int], tuple[dict, WLoss]]
 
-GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-"""Peak learning rates, the same for every method (these problems are unit-scaled)."""
+GRID = family.rungs(0.01, 6)
+"""Peak learning rates 0.01 to 3, the same for every method.
+
+Rungs of :data:`benchmarks.family.LADDER`, above :data:`benchmarks.family.GRID`
+since these problems are unit-scaled.
+"""
 
 
 def _lora_init(rng: np.random.Generator, m: int, n: int, rank: int) -> dict:

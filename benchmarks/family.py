@@ -4,11 +4,15 @@ Every benchmark builds its optimizers from :data:`FAMILY`: a factory taking
 the learning-rate schedule and the decoupled weight decay, so every method
 trains under the same schedule and decay and only the peak learning rate is
 swept. :data:`GRID` is that sweep, the same five points for every method, so
-no method gets more tuning than another.
+no method gets more tuning than another. It is the one grid of the benchmarks:
+every other lr list (a method's window of it, a reference line's, the toy
+problems') is a run of rungs of the same 1-3-10 :data:`LADDER`, built with
+:func:`rungs` and :func:`shift`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import optax
@@ -37,8 +41,35 @@ FAMILY: dict[str, Factory] = {
 }
 """Name -> ``factory(learning_rate, weight_decay)``."""
 
-GRID: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-"""The peak learning rates swept for every method."""
+LADDER: tuple[float, ...] = tuple(float(f"{k}e{e}") for e in range(-7, 2) for k in (1, 3))
+"""The 1-3-10 rungs, 1e-7 to 30: every benchmark's learning rates are rungs of it."""
+
+
+def _rung(lr: float) -> int:
+  """The index of ``lr`` in :data:`LADDER`; an error for an lr off the ladder."""
+  i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr)))
+  if not math.isclose(LADDER[i], lr, rel_tol=1e-6):
+    raise ValueError(f"lr {lr:g} is not a rung of the 1-3-10 ladder {LADDER}")
+  return i
+
+
+def shift(lr: float, rungs_up: int) -> float:
+  """The rung ``rungs_up`` steps above ``lr`` (below for a negative count)."""
+  i = _rung(lr) + rungs_up
+  if not 0 <= i < len(LADDER):
+    raise ValueError(
+        f"{rungs_up:+d} rungs from lr {lr:g} leaves the ladder {LADDER[0]:g}..{LADDER[-1]:g}"
+    )
+  return LADDER[i]
+
+
+def rungs(low: float, count: int) -> tuple[float, ...]:
+  """``count`` consecutive rungs of :data:`LADDER`, from ``low`` up."""
+  return tuple(shift(low, k) for k in range(count))
+
+
+GRID: tuple[float, ...] = rungs(3e-4, 5)
+"""The peak learning rates swept for every method: 3e-4, 1e-3, 3e-3, 1e-2, 3e-2."""
 
 
 def warmup_steps(warmup_frac: float, steps: int) -> int:

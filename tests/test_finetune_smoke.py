@@ -1,4 +1,4 @@
-"""Smoke test of the fine-tuning harness (benchmarks/finetune.py) on a few tiny steps.
+"""Smoke test of the fine-tuning harness (benchmarks/finetune.py and its modules) on a few tiny steps.
 
 Besides "it runs", the W-step diagnostics are checked against a dense float64
 computation from parameter snapshots, since they are the measurement the
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import finetune
+from benchmarks import finetune, sweep
 
 TINY = dict(steps=3, batch=4, eval_examples=16, eval_every=2, progress=False)
 PAIR = ("encoder", "layers", 0, "query", "lora")
@@ -147,7 +147,7 @@ def test_sweep_protocol_order_and_edge_rule():
     return {"final_accuracy": accuracy[name][lr] + 0.01 * seed}
 
   grid = [1e-3, 3e-3, 1e-2, 3e-2]
-  finetune.sweep_jobs(["a", "b"], {"a": grid, "b": grid}, [0, 1, 2], 150, 25, execute)
+  sweep.sweep_jobs(["a", "b"], {"a": grid, "b": grid}, [0, 1, 2], 150, 25, execute)
   assert calls == [
       *(("a", lr, 0, 150) for lr in grid),
       *(("b", lr, 0, 150) for lr in grid),
@@ -157,7 +157,7 @@ def test_sweep_protocol_order_and_edge_rule():
       ("b", 3e-3, 1, 25),
       ("b", 3e-3, 2, 25),
   ]
-  assert finetune.beyond_edge(3e-4, up=False) == 1e-4 and finetune.beyond_edge(3e-2, up=True) == 0.1
+  assert sweep.beyond_edge(3e-4, up=False) == 1e-4 and sweep.beyond_edge(3e-2, up=True) == 0.1
 
 
 def test_reuse_takes_matching_runs(tmp_path):
