@@ -150,7 +150,6 @@ def _save_gathered(tree, path: str) -> None:
 
 
 def _optax_run(mesh, out: str) -> None:
-
   def optimizer():
     return adaprelora(1e-2, b1=0.9, weight_decay=0.01)
 
@@ -197,7 +196,6 @@ def _optax_run(mesh, out: str) -> None:
 
 
 def _nnx_run(mesh, out: str) -> None:
-
   @nnx.jit
   def train_step(model, optimizer, x, y):
     loss = lambda model: jnp.mean((model(x) - y) ** 2)
