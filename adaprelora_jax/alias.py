@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import optax
 
+from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.layout import JOINED, Layout
 from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.transform import Statistics, scale_by_adaprelora
-
-
-Mask = Any | Callable[[optax.Params], Any] | None
-
-
-def with_decay_and_learning_rate(
-    direction: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: float = 0.0,
-    mask: Mask = None,
-) -> optax.GradientTransformationExtraArgs:
-  """``chain(direction, add_decayed_weights, scale_by_learning_rate)``.
-
-  The alias shape every optimizer of this package shares, as in
-  ``optax.adamw``: a direction in Optax's sign convention, then decoupled
-  weight decay on the leaves ``mask`` selects, then ``-learning_rate``.
-  """
-  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
-                     optax.scale_by_learning_rate(learning_rate))
 
 
 def adaprelora(
@@ -45,6 +25,9 @@ def adaprelora(
     statistics: Statistics = "auto",
     fallback: optax.GradientTransformation | None = None,
     pairing: PairingRule | None = None,
+    balancing: float | None = 1.0,
+    factor_clipping: float | None = 3.0,
+    layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: Adafactor-preconditioned LoRA (Liu, Bian & Cai, 2026).
 
@@ -63,7 +46,8 @@ def adaprelora(
   Args:
     learning_rate: a float or an Optax schedule.
     b1, decay_rate, b2, eps, damping, lora_scale, clipping_threshold,
-      statistics, fallback, pairing: see :func:`scale_by_adaprelora`.
+      statistics, fallback, pairing, balancing, factor_clipping, layout: see
+      :func:`scale_by_adaprelora`.
     weight_decay: decoupled weight decay (as in ``optax.adamw``).
     mask: which leaves weight decay applies to (a tree of bools or a
       function of the params), as in ``optax.adamw``.
@@ -83,5 +67,6 @@ def adaprelora(
       scale_by_adaprelora(
           b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
           lora_scale=lora_scale, clipping_threshold=clipping_threshold,
-          statistics=statistics, fallback=fallback, pairing=pairing),
+          statistics=statistics, fallback=fallback, pairing=pairing, balancing=balancing,
+          factor_clipping=factor_clipping, layout=layout),
       learning_rate, weight_decay, mask)

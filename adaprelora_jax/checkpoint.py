@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from adaprelora_jax.pairing import path_names
 
@@ -54,14 +55,16 @@ def restore_state(
     The restored state, with the structure of ``tx.init(params)``.
 
   Raises:
-    ValueError: if the checkpoint holds a leaf the state lacks, lacks one it
-      has, or stores one with another shape or dtype; the message names the
-      first such leaf path, with both shapes and dtypes.
+    FileNotFoundError: if there is no checkpoint at ``path``.
+    ValueError: if its metadata cannot be read (a damaged checkpoint, or one
+      another checkpointer wrote), or if the checkpoint holds a leaf the
+      state lacks, lacks one it has, or stores one with another shape or
+      dtype; the message names the first such leaf path, with both shapes
+      and dtypes.
   """
   checkpointer = ocp.StandardCheckpointer() if checkpointer is None else checkpointer
   expected = jax.eval_shape(tx.init, params)
-  _check_matches(_leaves(checkpointer.metadata(path).item_metadata), expected,
-                 path)
+  _check_matches(_leaves(_stored_tree(checkpointer, path)), expected, path)
   if shardings is None:
     shardings = jax.tree.map(
         lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), expected)
@@ -69,6 +72,19 @@ def restore_state(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       expected, shardings)
   return checkpointer.restore(path, target)
+
+
+def _stored_tree(checkpointer: ocp.AbstractCheckpointer, path: str | os.PathLike) -> PyTree:
+  """The stored tree's metadata, or the reason it cannot be read."""
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"Checkpoint at {path} not found.")
+  stored = checkpointer.metadata(path)
+  stored = getattr(stored, "item_metadata", stored)
+  if stored is None:
+    raise ValueError(
+        f"checkpoint {path}: {type(checkpointer).__name__} could not read its metadata; it is "
+        "damaged or was written by another kind of checkpointer (Orbax logs the cause).")
+  return stored
 
 
 Leaves = dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]

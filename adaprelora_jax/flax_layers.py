@@ -32,7 +32,7 @@ Array = jax.Array
 
 
 class WeightStatsVar(nnx.Variable):
-  """Holds a :class:`~adaprelora_jax.transform.WeightStats` probe of zeros.
+  """Holds a :class:`~adaprelora_jax.base.WeightStats` probe of zeros.
 
   Its value is never read; its gradient is the statistics. It is not a
   ``Param``, so ``nnx.Param`` and ``nnx.LoRAParam`` filters leave it out;

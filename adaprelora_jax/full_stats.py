@@ -1,4 +1,4 @@
-"""Exact W-gradient statistics from the backward pass (SPEC §4 ``full``).
+"""Exact W-gradient statistics from the backward pass (``docs/derivation.md``, statistics).
 
 AdaPreLoRA's paper preconditions with Adafactor statistics of the true
 gradient of the frozen weight, ``G = ∂L/∂W = xᵀ δ`` (``x`` the layer inputs
@@ -10,7 +10,7 @@ column mean squares
 
 out of the backward pass at ``O(m + n)`` memory per layer, by a "gradient as
 a side channel": the frozen matmul takes a third input, a *probe* of zeros
-shaped like :class:`~adaprelora_jax.transform.WeightStats`, which the forward
+shaped like :class:`~adaprelora_jax.base.WeightStats`, which the forward
 pass ignores and whose cotangent the custom VJP defines to be ``(row, col)``.
 Differentiating the loss with respect to the probe then returns the
 statistics in the gradient tree, next to the LoRA factor gradients.
@@ -69,7 +69,7 @@ import optax
 from flax import nnx
 from jax import lax
 
-from adaprelora_jax.transform import WeightStats
+from adaprelora_jax.base import WeightStats
 
 Array = jax.Array
 PyTree = Any

@@ -1,23 +1,22 @@
-"""The plumbing every LoRA-pair optimizer here shares.
+"""The plumbing every LoRA-pair optimizer here shares: a per-slice rule to an Optax transformation.
 
 An optimizer of this family is a rule for one *slice*, a matrix pair
 ``A (m, r)``, ``B (r, n)`` with its factor gradients and a small state, plus
-this module, which turns the rule into an Optax transformation:
+this module:
 
 * :func:`~adaprelora_jax.pairing.lora_pairs` finds the pairs;
 * each pair's factors are read as matrices (N-D factors flattened); its
-  leading batch axes (stacked layers, experts) are solved with one ``vmap``,
-  and so is the same projection in every unscanned layer (pair keys equal up
-  to layer numbers) where many pairs would be solved together, so the
-  program XLA compiles at once does not grow with depth;
-* the rule computes in float32, or wider if the factors are;
-* a rule may ask for its groups to be solved in chunks, one after another
-  (``chunk_bytes``), which bounds the update's live temporaries;
+  leading batch axes (stacked layers, experts) and the pairs a
+  :class:`~adaprelora_jax.layout.Layout` groups are solved with one ``vmap``;
+* the rule computes in float32, or wider if the factors are; the state keeps
+  its dtype;
 * every other leaf goes to a fallback transformation;
-* the update checks the tree and the state and names the offending leaves.
+* the update checks the trees and the state and names the offending leaves.
 
 The state of a pair is the rule's per-slice state with the pair's batch axes
-in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes.
+in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes. Its
+NamedTuple declares each buffer's axes (an ``axes()`` method), which
+:mod:`adaprelora_jax.sharding` reads.
 """
 
 from __future__ import annotations
@@ -25,20 +24,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs
-
-Array = jax.Array
-PyTree = Any
-T = TypeVar("T")
+from adaprelora_jax.base import Array, PyTree, compute_dtype
+from adaprelora_jax.layout import JOINED, Layout, Member, input_bytes, plan
+from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs, path_names
 
 
 class SliceInit(Protocol):
@@ -71,31 +66,37 @@ class PairwiseState(NamedTuple):
   fallback: optax.OptState
 
 
-def compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
-  """The dtype the optimizers compute in: float32, or wider if an input is."""
-  return jnp.result_type(jnp.float32, *dtypes)
-
-
 def _pair_dtype(leaves: list[Any], pair: LoRAPair) -> jnp.dtype:
   return compute_dtype(leaves[pair.a_index].dtype, leaves[pair.b_index].dtype)
 
 
 def _pair_state(slice_init: SliceInit, pair: LoRAPair, dtype) -> PyTree:
   per_slice = slice_init(pair.m, pair.n, pair.rank, dtype)
-  # A copy per leaf: a rule may return one zeros array for two buffers, and
-  # the same buffer twice in a state cannot be donated to a jitted step.
+  # A copy per leaf: the same buffer twice in a state cannot be donated to a jitted step.
   return jax.tree.map(
       lambda x: jnp.array(jnp.broadcast_to(x, (*pair.batch_shape, *x.shape)), copy=True),
       per_slice)
+
+
+def _first_difference(got: Any, want: Any) -> str:
+  """The first leaf path at which two pytrees' structures differ, and how."""
+  got_paths = [path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(got)]
+  want_paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      jax.tree_util.tree_unflatten(want, [0] * want.num_leaves))[0]]
+  for g, w in itertools.zip_longest(got_paths, want_paths):
+    if g != w:
+      if w is None or (g is not None and g not in want_paths):
+        return f"the updates have {'/'.join(g)}, which the params lack"
+      return f"the params have {'/'.join(w)}, which the updates lack"
+  return "the paths agree but the node types differ"
 
 
 def check_updates(name: str, pairing: LoRAPairing, updates: Any, params: Any) -> None:
   """Raises a clear error if ``updates`` does not match ``params`` leaf by leaf."""
   flat_updates, tree_updates = jax.tree_util.tree_flatten_with_path(updates)
   if tree_updates != pairing.treedef:
-    raise ValueError(
-        f"{name}: the updates tree does not match the params tree.\n"
-        f"updates: {tree_updates}\nparams:  {pairing.treedef}")
+    raise ValueError(f"{name}: the updates tree does not match the params tree: "
+                     f"{_first_difference(updates, pairing.treedef)}.")
   flat_params = jax.tree_util.tree_leaves_with_path(params)
   for (path, u), (_, p) in zip(flat_updates, flat_params):
     if u.shape != p.shape:
@@ -130,99 +131,20 @@ def check_state(name: str, slice_init: SliceInit, pairing: LoRAPairing,
             f"{pair.a_matrix_shape} and B {pair.b_path} {pair.b_matrix_shape}.")
 
 
-_LAYER_INDEX = re.compile(r"\d+")
+Solved = dict[str, tuple[Array, Array, PyTree]]
+"""``(delta_a, delta_b, state)`` per pair key, the deltas shaped like the factors' gradients."""
 
 
-def _group_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tuple:
-  """Pairs solved by one ``vmap``: one role (``layers/3/q`` and ``layers/7/q``), one shape.
-
-  Grouping the same projection of every layer makes an unscanned model trace
-  as many solves as a scanned one, so compile time stops growing with depth.
-  Those pairs are usually sharded alike, so joining them moves no data.
-  """
-  return (_LAYER_INDEX.sub("#", pair.key), pair.m, pair.n, pair.rank,
-          tuple(x.dtype for x in factors), jax.tree.structure(extra))
-
-
-def _own_key(pair: LoRAPair, factors: tuple[Array, ...], extra: PyTree) -> tuple:
-  """Every pair solved alone (its stacked axes still in one ``vmap``)."""
-  return (pair.key,)
-
-
-def _input_bytes(factors: tuple[Array, ...], state: PyTree) -> int:
-  """Bytes of a pair's factors, gradients and state, as its rule computes with them."""
-  itemsize = jnp.dtype(compute_dtype(*(x.dtype for x in factors))).itemsize
-  return sum(x.size for x in (*factors, *jax.tree.leaves(state))) * itemsize
-
-
-def _true_after(x: Array) -> Array:
-  """A ``True`` that XLA can only compute once ``x`` exists, and cannot fold.
-
-  It is true whatever ``x`` holds, NaN and Inf included, so no pair's values
-  reach another's.
-  """
-  return jnp.isnan(x).astype(jnp.float32) * 0.0 == 0.0
-
-
-class _Member(NamedTuple):
-  """A pair of a group, with its factors and gradients and its :func:`_input_bytes`."""
-
-  pair: LoRAPair
-  factors: tuple[Array, Array, Array, Array]
-  nbytes: int
-
-
-def _pack(items: list[T], nbytes: Callable[[T], int], limit: int) -> list[list[T]]:
-  """``items`` in order, in runs of at most ``limit`` bytes (at least one item each)."""
-  runs, filled = [[]], 0
-  for item in items:
-    if runs[-1] and filled + nbytes(item) > limit:
-      runs.append([])
-      filled = 0
-    runs[-1].append(item)
-    filled += nbytes(item)
-  return runs
-
-
-def _split_group(members: list[_Member], chunk_bytes: int) -> list[list[_Member]]:
-  """``members`` in runs of at most ``chunk_bytes`` (at least one member each).
-
-  A group is solved as one ``vmap``, whose temporaries are all live at once,
-  so a group larger than a chunk would undo the chunking (7B shapes, 32
-  unscanned layers joined whole: 7.7× AdamW's step time on CPU, 5.4× split;
-  ``benchmarks/RESULTS.md``).
-  """
-  return _pack(members, lambda member: member.nbytes, chunk_bytes)
-
-
-def _layout(members: list[_Member], group_key: Callable[..., tuple],
-            extras: Mapping[str, PyTree], chunk_bytes: int | None
-            ) -> list[list[list[_Member]]]:
-  """``members`` in chunks, solved one after another, of groups, each solved by one ``vmap``."""
-  by_key = defaultdict(list)
-  for member in members:
-    by_key[group_key(member.pair, member.factors, extras.get(member.pair.key))].append(member)
-  groups = list(by_key.values())
-  if chunk_bytes is None:
-    return [groups]
-  groups = [run for members in groups for run in _split_group(members, chunk_bytes)]
-  return _pack(groups, lambda members: sum(m.nbytes for m in members), chunk_bytes)
-
-
-def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
-                 factors: list[tuple[Array, Array, Array, Array]],
-                 states: list[PyTree], extras: list[PyTree], count: Array
-                 ) -> list[tuple[Array, Array, PyTree]]:
-  """Runs ``slice_update`` on every batch slice of same-shaped pairs with a single vmap.
-
-  Each pair's batch axes are flattened and the pairs joined along them;
-  ``(delta_a, delta_b, state)`` come back per pair with its batch axes.
-  """
-  dtype = compute_dtype(*(x.dtype for x in factors[0]))
+def _solve_group(slice_update: SliceUpdate, group: list[Member],
+                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree], count: Array
+                 ) -> Solved:
+  """Every batch slice of same-shaped pairs with one ``vmap``, results per pair."""
+  pairs = [member.pair for member in group]
+  dtype = compute_dtype(*(x.dtype for x in group[0].inputs))
   m, n, r = pairs[0].m, pairs[0].n, pairs[0].rank
   slice_shapes = ((m, r), (r, n), (m, r), (r, n))
-  joined = [jnp.concatenate([f[k].astype(dtype).reshape(-1, *slice_shapes[k]) for f in factors])
-            for k in range(4)]
+  joined = [jnp.concatenate([member.inputs[k].astype(dtype).reshape(-1, *slice_shapes[k])
+                             for member in group]) for k in range(4)]
 
   def join(trees: list[PyTree]) -> PyTree:
     flat = [jax.tree.map(lambda x, batch=len(pair.batch_shape):
@@ -230,51 +152,42 @@ def _solve_group(slice_update: SliceUpdate, pairs: list[LoRAPair],
             for tree, pair in zip(trees, pairs)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *flat)
 
-  state, extra = join(states), join(extras)
-  if joined[0].shape[0] == 1:  # batched matrix products are slower on CPU; avoid vmap
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    out = jax.tree.map(lambda x: x[None], slice_update(
-        *first(joined), first(state), first(extra), count))
-  else:
-    out = jax.vmap(slice_update, in_axes=(0,) * 6 + (None,))(*joined, state, extra, count)
+  out = jax.vmap(slice_update, in_axes=(0,) * 6 + (None,))(
+      *joined, join([states[p.key] for p in pairs]), join([extras.get(p.key) for p in pairs]),
+      count)
   sizes = [math.prod(pair.batch_shape) for pair in pairs]
-  return [
-      jax.tree.map(lambda x, start=start, size=size, batch=pair.batch_shape:
-                   x[start:start + size].reshape(*batch, *x.shape[1:]), out)
-      for pair, size, start in zip(pairs, sizes, itertools.accumulate([0, *sizes]))
-  ]
-
-
-Solved = dict[str, tuple[Array, Array, PyTree]]
-"""``(delta_a, delta_b, state)`` per pair key, the deltas shaped like the factors' gradients."""
-
-
-def _solve_chunk(slice_update: SliceUpdate, chunk: list[list[_Member]],
-                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree],
-                 count: Array) -> Solved:
-  """Every group of ``chunk``, each with :func:`_solve_group`."""
   solved = {}
-  for members in chunk:
-    pairs = [member.pair for member in members]
-    outs = _solve_group(slice_update, pairs, [member.factors for member in members],
-                        [states[pair.key] for pair in pairs],
-                        [extras.get(pair.key) for pair in pairs], count)
-    for member, (delta_a, delta_b, new_state) in zip(members, outs):
-      grad_a, grad_b = member.factors[2:]
-      # The state keeps its dtype, whatever the rule computed in.
-      solved[member.pair.key] = (
-          delta_a.reshape(grad_a.shape).astype(grad_a.dtype),
-          delta_b.reshape(grad_b.shape).astype(grad_b.dtype),
-          jax.tree.map(lambda new, old: new.astype(old.dtype), new_state,
-                       states[member.pair.key]))
+  for member, size, start in zip(group, sizes, itertools.accumulate([0, *sizes])):
+    delta_a, delta_b, state = jax.tree.map(
+        lambda x, start=start, size=size, batch=member.pair.batch_shape:
+        x[start:start + size].reshape(*batch, *x.shape[1:]), out)
+    grad_a, grad_b = member.inputs[2:]
+    solved[member.pair.key] = (
+        delta_a.reshape(grad_a.shape).astype(grad_a.dtype),
+        delta_b.reshape(grad_b.shape).astype(grad_b.dtype),
+        jax.tree.map(lambda new, old: new.astype(old.dtype), state, states[member.pair.key]))
   return solved
 
 
-def _skip_chunk(chunk: list[list[_Member]], states: Mapping[str, PyTree]) -> Solved:
-  """:func:`_solve_chunk`'s result for the branch never taken: zero updates, states unchanged."""
-  return {member.pair.key: (jnp.zeros_like(member.factors[2]),
-                            jnp.zeros_like(member.factors[3]), states[member.pair.key])
-          for members in chunk for member in members}
+def _solve_chunk(slice_update: SliceUpdate, chunk: list[list[Member]],
+                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree], count: Array
+                 ) -> Solved:
+  solved = {}
+  for group in chunk:
+    solved.update(_solve_group(slice_update, group, states, extras, count))
+  return solved
+
+
+def _skip_chunk(chunk: list[list[Member]], states: Mapping[str, PyTree]) -> Solved:
+  """:func:`_solve_chunk`'s shapes for the branch never taken: zero updates, states unchanged."""
+  return {member.pair.key: (jnp.zeros_like(member.inputs[2]),
+                            jnp.zeros_like(member.inputs[3]), states[member.pair.key])
+          for group in chunk for member in group}
+
+
+def _true_after(x: Array) -> Array:
+  """A ``True`` that XLA can only compute once ``x`` exists, and cannot fold (NaN included)."""
+  return jnp.isnan(x).astype(jnp.float32) * 0.0 == 0.0
 
 
 def pairwise_transformation(
@@ -285,9 +198,7 @@ def pairwise_transformation(
     fallback: optax.GradientTransformation,
     pairing: PairingRule | None = None,
     pair_extras: PairExtras | None = None,
-    state_type: Callable[..., NamedTuple] = PairwiseState,
-    join_layers_above: int | None = 0,
-    chunk_bytes: int | None = None,
+    layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
   """An Optax transformation that applies a per-slice rule to every LoRA pair.
 
@@ -300,29 +211,7 @@ def pairwise_transformation(
     fallback: transformation for the leaves that are not LoRA factors.
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`).
     pair_extras: maps ``update``'s extra keyword arguments to per-pair inputs.
-    state_type: a NamedTuple with fields ``count``, ``pairs``, ``fallback``.
-    join_layers_above: solve the same projection of every unscanned layer
-      in one ``vmap`` when more than this many pairs would otherwise be
-      solved together, in one chunk or, without chunks, in the whole update
-      (``None``: never). XLA compiles the pairs solved together as one
-      program, in time growing with the square of their number, and joining
-      keeps that number flat in depth for rules with ``r × r`` algebra.
-      Joining copies the pairs' inputs and state, though, so it costs time
-      on every step, and an element-wise rule, cheap to compile and
-      memory-bound, is faster without it.
-    chunk_bytes: solve the groups (pairs, or joined projections) in chunks of
-      about this many bytes of factors, gradients and state (in the compute
-      dtype), one chunk after another; ``None`` for all at once. XLA runs
-      independent groups side by side and keeps all their temporaries live,
-      so a rule with several ``(m, r)`` temporaries per slice needs
-      temporary memory growing with depth, and on CPU, which allocates the
-      temporaries afresh on every call once they pass a few tens of MiB,
-      time growing faster than depth. In chunks, one chunk's temporaries
-      are live at a time, while the groups within a chunk still overlap.
-      A joined group larger than a chunk is split into chunk-sized groups.
-      Each chunk is a ``lax.cond``, which XLA runs as a unit and compiles on
-      its own, whose predicate is always true but computed from the
-      previous chunk's results (one element, gathered when sharded).
+    layout: which pairs are solved together (:mod:`adaprelora_jax.layout`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -335,7 +224,7 @@ def pairwise_transformation(
   def init_fn(params):
     pairs = lora_pairs(params, pairing)
     leaves = jax.tree_util.tree_leaves(params)
-    return state_type(
+    return PairwiseState(
         count=jnp.zeros([], jnp.int32),
         pairs={p.key: _pair_state(slice_init, p, _pair_dtype(leaves, p))
                for p in pairs.pairs},
@@ -356,15 +245,11 @@ def pairwise_transformation(
     param_leaves = jax.tree_util.tree_leaves(params)
     members = []
     for pair in pairs.pairs:
-      factors = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
-                      for i in (pair.a_index, pair.b_index))
-      members.append(_Member(pair, factors, _input_bytes(factors, state.pairs[pair.key])))
-    chunks = _layout(members, _own_key, extras, chunk_bytes)
-    if (join_layers_above is not None
-        and max(sum(map(len, chunk)) for chunk in chunks) > join_layers_above):
-      chunks = _layout(members, _group_key, extras, chunk_bytes)
-    # Traced once per slice shape instead of once per pair. XLA inlines the calls, so
-    # it compiles the same program (32 layers of 7B shapes lower in 1.0 s, not 7.6).
+      inputs = tuple(leaves[i] for leaves in (param_leaves, grad_leaves)
+                     for i in (pair.a_index, pair.b_index))
+      members.append(Member(pair, inputs, input_bytes(inputs, state.pairs[pair.key])))
+    chunks = plan(layout, members, extras) if members else []
+    # Traced once per slice shape instead of once per pair; XLA inlines the calls.
     rule = jax.jit(slice_update)
     solved, done = {}, state.count.astype(jnp.float32)
     for chunk in chunks:
@@ -373,7 +258,7 @@ def pairwise_transformation(
         solved.update(solve())
         continue
       # XLA runs a conditional as a unit, and this predicate exists only once the
-      # previous chunk's conditional has finished (see ``chunk_bytes``).
+      # previous chunk's conditional has finished.
       out = jax.lax.cond(_true_after(done), solve,
                          functools.partial(_skip_chunk, chunk, state.pairs))
       done = next((x.ravel()[0].astype(jnp.float32) for x in jax.tree.leaves(out) if x.size),
@@ -383,8 +268,7 @@ def pairwise_transformation(
     for pair in pairs.pairs:
       delta_a, delta_b, new_pairs[pair.key] = solved[pair.key]
       new_leaves[pair.a_index], new_leaves[pair.b_index] = delta_a, delta_b
-    return jax.tree_util.tree_unflatten(treedef, new_leaves), state_type(
-        count=optax.safe_increment(state.count), pairs=new_pairs,
-        fallback=new_fallback)
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), PairwiseState(
+        count=optax.safe_increment(state.count), pairs=new_pairs, fallback=new_fallback)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

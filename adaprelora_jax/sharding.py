@@ -29,12 +29,12 @@ The state is walked generically, so the helper works for
 :func:`~adaprelora_jax.alias.adaprelora` and for any Optax wrapper around it
 (``chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``):
 
-* in each :class:`~adaprelora_jax.transform.ScaleByAdaPreLoRAState` or
-  :class:`~adaprelora_jax.pairwise.PairwiseState`, the per-pair buffers follow
-  the rules above. For other per-pair states (the baselines built on
-  :mod:`adaprelora_jax.pairwise`), each axis after the batch axes is matched
-  by its size against ``m``, ``n`` and ``r``, and left replicated when the
-  sizes collide with different shardings;
+* in each :class:`~adaprelora_jax.pairwise.PairwiseState` (AdaPreLoRA's and
+  every baseline's), each per-pair buffer follows the axes its state
+  declares (``axes()``: ``"m"``, ``"n"`` or ``"r"`` after the batch axes),
+  as in the table above; a buffer with ``"m"`` takes ``A``'s batch and rank
+  entries, one with ``"n"`` ``B``'s, and an ``r × r`` or scalar buffer the
+  entries both factors agree on;
 * every other leaf takes the sharding of a parameter of the same shape whose
   path ends its own path (Optax's ``mu['head']['kernel']`` mirrors
   ``params['head']['kernel']``), else of the parameters of its shape if they
@@ -70,15 +70,14 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
+from adaprelora_jax.base import Axes, PyTree
 from adaprelora_jax.pairing import LoRAPair, PairingRule, lora_pairs, path_names
 from adaprelora_jax.pairwise import PairwiseState
-from adaprelora_jax.transform import PairState, ScaleByAdaPreLoRAState
 
-PyTree = Any
 Entry = Any  # one PartitionSpec entry: None, a mesh axis name, or a tuple of them
 Entries = tuple[Entry, ...]
 
-_PAIR_NODES = (PairwiseState, ScaleByAdaPreLoRAState)
+_PAIR_NODES = (PairwiseState,)
 
 
 def state_shardings(
@@ -148,6 +147,11 @@ def state_shardings(
             f"{key!r}, but params have the pairs {sorted(pairs)}; pass the "
             "optimizer's pairing rule as pairing=.")
       pair = pairs[key]
+      if jax.tree.leaves(pair_state) and not hasattr(pair_state, "axes"):
+        raise ValueError(
+            f"the state of LoRA pair {key!r} ({type(pair_state).__name__}) declares no axes: "
+            "give the rule's state NamedTuple an axes() method naming each buffer's axes "
+            "after the batch axes ('m', 'n' or 'r').")
       axes = _PairAxes(pair, specs[pair.a_index], specs[pair.b_index])
       per_pair[key] = axes.shardings(pair_state, make)
     return node._replace(count=make(()), pairs=per_pair,
@@ -284,7 +288,6 @@ class _PairAxes:
 
   def __init__(self, pair: LoRAPair, a: Entries, b: Entries):
     k = len(pair.batch_shape)
-    self.pair = pair
     self.a_batch, self.b_batch = a[:k], b[:k]
     self.row = _merged(a[k:-1])
     self.col = _merged(b[k + 1:])
@@ -292,27 +295,21 @@ class _PairAxes:
 
   def shardings(self, pair_state: PyTree, make: Callable[[Entries], Any]
                 ) -> PyTree:
-    """A sharding per leaf of the pair's state."""
-    if isinstance(pair_state, PairState):
-      with_momentum = pair_state.mu_a is not None
-      return PairState(
-          v_row=make((*self.a_batch, self.row)),
-          v_col=make((*self.b_batch, self.col)),
-          mu_a=make((*self.a_batch, self.row, self.a_rank)) if with_momentum
-          else None,
-          mu_b=make((*self.b_batch, self.b_rank, self.col)) if with_momentum
-          else None)
-    return jax.tree.map(lambda x: make(self._by_size(x.shape)), pair_state)
+    """A sharding per leaf of the pair's state, from the axes it declares."""
+    if not jax.tree.leaves(pair_state):
+      return pair_state
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(e, str) for e in x)
+    axes, treedef = jax.tree.flatten(pair_state.axes(), is_leaf=is_axes)
+    return jax.tree.unflatten(treedef, [make(self._entries(a)) for a in axes])
 
-  def _by_size(self, shape: tuple[int, ...]) -> Entries:
-    """Entries of a rule-specific ``(*batch, ...)`` buffer, axes matched by size."""
-    pair = self.pair
-    k = len(pair.batch_shape)
-    batch = tuple(map(_agreed, self.a_batch, self.b_batch))
-    sizes = ((pair.m, self.row), (pair.n, self.col),
-             (pair.rank, _agreed(self.a_rank, self.b_rank)))
-    entries = []
-    for size in shape[k:]:
-      found = {entry for s, entry in sizes if s == size}
-      entries.append(found.pop() if len(found) == 1 else None)
-    return _without_reuse((*batch, *entries))
+  def _entries(self, axes: Axes) -> Entries:
+    """The entries of a ``(*batch, *axes)`` buffer."""
+    if "m" in axes and "n" not in axes:
+      batch, rank = self.a_batch, self.a_rank
+    elif "n" in axes and "m" not in axes:
+      batch, rank = self.b_batch, self.b_rank
+    else:
+      batch = tuple(map(_agreed, self.a_batch, self.b_batch))
+      rank = _agreed(self.a_rank, self.b_rank)
+    entry = {"m": self.row, "n": self.col, "r": rank}
+    return _without_reuse((*batch, *(entry[axis] for axis in axes)))

@@ -4,108 +4,69 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from adaprelora_jax import gram, moments, momentum
+from adaprelora_jax import rule
+from adaprelora_jax.base import Array, PairState, WeightStats
+from adaprelora_jax.layout import JOINED, Layout
 from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule
-from adaprelora_jax.pairwise import pairwise_transformation
+from adaprelora_jax.pairwise import PairwiseState, pairwise_transformation
 
-Array = jax.Array
 Statistics = Literal["auto", "tangent", "full"]
 
-# How the pairs are laid out into one program was tuned on XLA's CPU runtime
-# (benchmarks/RESULTS.md, "Where the time goes"); elsewhere every role's
-# layers are joined and nothing is chunked, the fewest and largest kernels.
-#
-# On CPU the update holds about 0.7× its inputs in temporaries (1.5× before
-# the products below were unrolled). Chunks of 24 MiB of factors, gradients
-# and state (two layers of 7B shapes at r = 16, 16 MiB of temporaries) keep
-# them under the 32 MiB above which glibc maps every call's buffer afresh,
-# and leave 14 pairs per chunk for XLA to overlap: 2-6 % faster than one
-# layer per chunk at 2-8 layers, 4-9 % with momentum.
-_CHUNK_BYTES = 24 * 2**20
-# On CPU, each pair is solved alone unless a chunk would then hold more than
-# this many pairs (small matrices); then each role's layers are joined.
-# Joining copies the factors and gradients and batches their products (7B
-# shapes, 8 layers: 3.7× AdamW's step alone, 4.4× joined), but XLA compiles a
-# chunk in time growing with the square of its pairs. 7B shapes hold about 14
-# per chunk, so they compile in time linear in depth (32 layers: first call
-# 19 s alone, 9 s joined, with dots; unrolled as below, 75 s alone); the 224
-# small pairs of benchmarks.compile_time's 32 layers, all in one chunk, took
-# 51 s alone and 4.7 s joined.
-_JOIN_ABOVE_PAIRS = 32
-# On CPU, slices of rank up to _UNROLL_MAX_RANK with both sides at least
-# _UNROLL_MIN_DIM write their products with an m- or n-sized output
-# element-wise (``gram.small_matmul``, ``gram._triangular_quadratic_form``),
-# which XLA fuses with the work around them: 7B shapes, two layers, r = 16,
-# 3.5-3.8× AdamW's step against 4.0-7.0× with dots; at r = 32 dots win. Such
-# a slice traces to about 2,300 operations instead of 350, and XLA's compile
-# time grows with them (7B shapes, 32 layers: 78 s against 25 s). Small
-# slices gain little, and many of them share a chunk, whose compile time
-# grows with the square of its pairs (SmolLM2-like shapes, four layers,
-# unrolled: 18 s against 2 s), so they keep the dots (benchmarks/RESULTS.md).
-_UNROLL_MAX_RANK = 16
-_UNROLL_MIN_DIM = 2048
+ScaleByAdaPreLoRAState = PairwiseState
+"""State of :func:`scale_by_adaprelora`: ``count``, a :class:`PairState` per pair key in
+``pairs``, and the ``fallback`` transformation's state."""
 
 
-class WeightStats(NamedTuple):
-  """Mean squares of the full W-gradient ``G`` of one pair (SPEC §4 ``full``).
-
-  Attributes:
-    row: ``mean_j G_ij²``, shape ``(*batch, m)``.
-    col: ``mean_i G_ij²``, shape ``(*batch, n)``.
-  """
-
-  row: Array
-  col: Array
-
-
-class PairState(NamedTuple):
-  """Per-pair optimizer state, in float32 (or the factors' dtype if wider).
-
-  Attributes:
-    v_row: row second moments ``(*batch, m)``.
-    v_col: column second moments ``(*batch, n)``.
-    mu_a: running mean of ``G B̂ᵀ``, the W-gradient's coordinates in ``B``'s
-      row frame, ``(*batch, m, r)`` (``None`` without momentum).
-    mu_b: running mean of ``Âᵀ G``, ``(*batch, r, n)``.
-  """
-
-  v_row: Array
-  v_col: Array
-  mu_a: Array | None
-  mu_b: Array | None
+def _check_hyperparams(**values: Any) -> None:
+  """Raises a ``ValueError`` naming the first out-of-range hyperparameter."""
+  checks = {
+      "b1": (lambda v: v is None or 0.0 <= v < 1.0, "None or in [0, 1)"),
+      "b2": (lambda v: v is None or 0.0 <= v < 1.0, "None or in [0, 1)"),
+      "decay_rate": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
+      "eps": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
+      "damping": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
+      "lora_scale": (lambda v: np.isfinite(v) and v > 0.0, "finite and > 0"),
+      "clipping_threshold": (lambda v: v is None or (np.isfinite(v) and v > 0.0),
+                             "None, or finite and > 0"),
+      "balancing": (lambda v: v is None or (np.isfinite(v) and v >= 0.0),
+                    "None, or finite and >= 0"),
+      "factor_clipping": (lambda v: v is None or (np.isfinite(v) and v > 0.0),
+                          "None, or finite and > 0"),
+  }
+  for name, value in values.items():
+    valid, expected = checks[name]
+    # Traced values (under inject_hyperparams) are checked by the caller's schedule.
+    if value is None or isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+      if not valid(value):
+        raise ValueError(f"scale_by_adaprelora: {name}={value!r}; expected {expected}.")
 
 
-class ScaleByAdaPreLoRAState(NamedTuple):
-  """State of :func:`scale_by_adaprelora`.
-
-  Attributes:
-    count: number of updates so far, int32.
-    pairs: :class:`PairState` per LoRA pair, keyed by the pair key.
-    fallback: the fallback transformation's state (non-LoRA leaves).
-  """
-
-  count: Array
-  pairs: dict[str, PairState]
-  fallback: optax.OptState
-
-
-def _full_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
-                ) -> tuple[Array, Array]:
+def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
+                  ) -> tuple[Array, Array]:
   """``stats`` checked against ``pair`` and shaped ``(*batch, m)``, ``(*batch, n)``."""
   batch = pair.batch_shape
   out = []
   for name, value, size in zip(("row", "col"), stats, (pair.m, pair.n)):
     value = jnp.asarray(value)
+    where = f"weight_stats[{pair.key!r}].{name}"
     if value.shape[: len(batch)] != batch or value.size != math.prod(batch) * size:
       raise ValueError(
-          f"weight_stats[{pair.key!r}].{name} has shape {value.shape}; expected "
+          f"{where} has shape {value.shape}; expected "
           f"{(*batch, size)} for A {pair.a_path} and B {pair.b_path}.")
+    try:
+      concrete = np.asarray(value)
+    except Exception:  # traced: the rule clamps negatives and skips non-finite steps
+      concrete = None
+    if concrete is not None and not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0)):
+      raise ValueError(f"{where} must be finite and >= 0 (mean squares); its smallest entry "
+                       f"is {np.nanmin(concrete)!r} and it has "
+                       f"{np.count_nonzero(~np.isfinite(concrete))} non-finite entries.")
     out.append(value.reshape(*batch, size))
   return out[0], out[1]
 
@@ -121,6 +82,9 @@ def scale_by_adaprelora(
     statistics: Statistics = "auto",
     fallback: optax.GradientTransformation | None = None,
     pairing: PairingRule | None = None,
+    balancing: float | None = 1.0,
+    factor_clipping: float | None = 3.0,
+    layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales LoRA factor gradients into AdaPreLoRA's factor directions.
 
@@ -130,7 +94,8 @@ def scale_by_adaprelora(
   ``(dA, dB)`` of :func:`solve_factor_update`: the factor step whose W-space
   effect is the ``H``-orthogonal projection of Adafactor's direction
   ``diag(ℓ)⁻¹ G diag(ρ)⁻¹`` onto the LoRA tangent space, with minimal
-  ``H``-weighted imbalance between the two factors' contributions.
+  ``H``-weighted imbalance between the two factors' contributions
+  (``docs/derivation.md``; :mod:`adaprelora_jax.rule` runs it step by step).
 
   Statistics (``statistics``):
 
@@ -143,24 +108,36 @@ def scale_by_adaprelora(
   * ``"auto"``: ``full`` for the pairs present in ``weight_stats``, else
     ``tangent``.
 
+  The learning rate controls every factor's step, not only the W-step's
+  (``docs/derivation.md``, "The learning rate and the factors"): where one
+  factor is near zero (``B = 0`` at init) the exact rule moves the other by
+  ``O(|D| / |B|)`` whatever the learning rate, and along directions the
+  target does not use that feeds a drift of ``|A|`` up and ``|B|`` down. Two
+  additions control it: a gauge term ``(A Ω, −Ω B)`` that moves no ``W`` and
+  pulls ``AᵀA`` and ``BBᵀ`` towards balance (``balancing``), and a bound on
+  each factor direction's RMS (``factor_clipping``), so no factor entry moves
+  faster in RMS than ``lr · factor_clipping`` per step. On balanced factors
+  the first is zero, and the second binds only on steps larger than that;
+  ``balancing=None, factor_clipping=None`` is the paper's rule exactly.
+
+  Inputs anywhere in the float range are handled: each slice is computed at
+  unit scale (powers of two), and a slice whose step or state would not be
+  representable keeps its state and steps by zero.
+
   The result follows Optax's sign convention (like ``scale_by_adam``): chain
   with a negative learning-rate scaling, as :func:`adaprelora` does.
 
   Args:
-    b1: momentum coefficient, or ``None`` for none (the default, as in
-      Adafactor). The average is of the W-gradient in scale-free factor
-      frames (see :mod:`adaprelora_jax.momentum`), not of factor directions.
+    b1: momentum coefficient in ``[0, 1)``, or ``None`` for none (the
+      default, as in Adafactor). The average is of the W-gradient in
+      scale-free factor frames, not of factor directions.
     decay_rate: Adafactor's second-moment schedule
       ``β̂_t = 1 − (t+1)^(−decay_rate)``, used when ``b2`` is ``None``.
     b2: a constant second-moment decay, with bias correction, instead.
     eps: added to the squared statistic, as in Adafactor.
-    damping: relative damping of the ``r × r`` solves (SPEC §5). Where a
-      factor has singular values ``σ`` near ``√δ`` (``B`` a step or two
-      after ``B = 0``), the solve moves the other factor by up to
-      ``1/(2√δ)`` along them; float32 rounding puts ``σ ~ 1e-7`` there
-      whenever the first gradients are low-rank. At ``1e-6`` a rank-one
-      regression diverged on most seeds; ``1e-4`` bounds that gain and
-      changes nothing measurable on well-conditioned factors.
+    damping: relative damping of the ``r × r`` solves: ``M + δ I`` with
+      ``δ = damping · tr(M)/r``. It bounds the gain of a factor's
+      near-zero singular values on its partner's step.
     lora_scale: the LoRA scale ``s`` (``alpha / r`` in Qwix, ``1`` in
       ``flax.nnx.LoRA``).
     clipping_threshold: Adafactor's update clipping: the factor directions are
@@ -171,10 +148,24 @@ def scale_by_adaprelora(
       (biases, norms, heads); defaults to ``optax.scale_by_adam()``.
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`). Under
       ``optax.inject_hyperparams``, list it in ``static_args``.
+    balancing: the rate ``γ`` of the balancing gauge term, per unit of
+      learning rate (``None``: none, the paper's rule).
+    factor_clipping: the largest RMS of each factor's direction (``None``:
+      no bound, the paper's rule). Where it binds, the W-step is the exact
+      one scaled down factor by factor, and the invariances to the factors'
+      scale and to ``lora_scale`` hold only up to it, as for Adam.
+    layout: how pairs are laid out into one program
+      (:mod:`adaprelora_jax.layout`): :data:`~adaprelora_jax.layout.JOINED`
+      (the default, for accelerators) or
+      :data:`~adaprelora_jax.layout.CHUNKED` (for XLA's CPU runtime). Same
+      updates either way.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
     ``params`` (required) and an optional ``weight_stats``.
+
+  Raises:
+    ValueError: for an out-of-range hyperparameter, naming it.
 
   References:
     Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
@@ -186,45 +177,18 @@ def scale_by_adaprelora(
   if statistics not in ("auto", "tangent", "full"):
     raise ValueError(f"statistics must be 'auto', 'tangent' or 'full', got "
                      f"{statistics!r}.")
-  with_momentum = b1 is not None
-  on_cpu = jax.default_backend() == "cpu"
+  _check_hyperparams(b1=b1, b2=b2, decay_rate=decay_rate, eps=eps, damping=damping,
+                     lora_scale=lora_scale, clipping_threshold=clipping_threshold,
+                     balancing=balancing, factor_clipping=factor_clipping)
+  hp = rule.Hyperparams(b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
+                        lora_scale=lora_scale, clipping_threshold=clipping_threshold,
+                        balancing=balancing, factor_clipping=factor_clipping)
 
   def slice_init(m: int, n: int, rank: int, dtype) -> PairState:
-    zeros = lambda *shape: jnp.zeros(shape, dtype)
-    return PairState(
-        v_row=zeros(m), v_col=zeros(n),
-        mu_a=zeros(m, rank) if with_momentum else None,
-        mu_b=zeros(rank, n) if with_momentum else None)
+    return rule.init(m, n, rank, dtype, with_momentum=b1 is not None)
 
   def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count):
-    """One (m, r) / (r, n) slice: statistics, moments, momentum, solve, clip."""
-    mu_y, mu_x = state.mu_a, state.mu_b
-    # The m- and n-side Grams that everything below is assembled from.
-    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, lora_scale)
-    fr, a_grad_a = grams.frames, grams.a_grad_a
-    unrolled = (on_cpu and a.shape[1] <= _UNROLL_MAX_RANK
-                and min(a.shape[0], b.shape[1]) >= _UNROLL_MIN_DIM)
-    if stats is None:
-      stats = gram.tangent_mean_squares(a, b, grad_a, grad_b, grams, unrolled=unrolled)
-    beta = moments.decay_rate(count, decay_rate=decay_rate, b2=b2)
-    v_row, v_col = moments.update_moments(state.v_row, state.v_col, *stats, beta, eps)
-    row, col = moments.scalings(v_row, v_col, count, b2)
-    # Factor gradients fed to the solve: E_A @ map_a and map_b @ E_B, the
-    # (averaged) W-gradient's frame coordinates mapped back to the factors.
-    eff_a, eff_b, a_eff_a = grad_a, grad_b, a_grad_a
-    map_a = lora_scale * fr.to_y @ fr.root_b.T
-    map_b = lora_scale * fr.root_a @ fr.to_x
-    if with_momentum:
-      (eff_a, eff_b), (mu_y, mu_x), a_eff_a = momentum.update_momentum(
-          mu_y, mu_x, grad_a, grad_b, fr, a_grad_a, a.T @ mu_y, b1, count,
-          unrolled=unrolled)
-      map_a, map_b = lora_scale * fr.root_b.T, lora_scale * fr.root_a
-    clipping = (None if clipping_threshold is None else
-                gram.Clipping(clipping_threshold, grams.gram_a, grams.gram_b))
-    delta_a, delta_b = gram.solve(a, b, eff_a, map_a, eff_b, map_b, a_eff_a,
-                                  row, col, scale=lora_scale, damping=damping,
-                                  clipping=clipping, unrolled=unrolled)
-    return delta_a, delta_b, PairState(v_row, v_col, mu_y, mu_x)
+    return rule.update(hp, rule.Slice(a, b, grad_a, grad_b), state, stats, count)
 
   def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
                   ) -> dict[str, tuple[Array, Array]]:
@@ -242,13 +206,10 @@ def scale_by_adaprelora(
                          f"LoRA pair; missing: {missing}.")
     if statistics == "tangent":
       return {}
-    return {p.key: _full_stats(p, weight_stats[p.key])
+    return {p.key: _weight_stats(p, weight_stats[p.key])
             for p in pairs.pairs if p.key in weight_stats}
 
   return pairwise_transformation(
       "scale_by_adaprelora", slice_init, slice_update,
       fallback=optax.scale_by_adam() if fallback is None else fallback,
-      pairing=pairing, pair_extras=pair_extras,
-      state_type=ScaleByAdaPreLoRAState,
-      join_layers_above=_JOIN_ABOVE_PAIRS if on_cpu else 0,
-      chunk_bytes=_CHUNK_BYTES if on_cpu else None)
+      pairing=pairing, pair_extras=pair_extras, layout=layout)

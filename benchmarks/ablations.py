@@ -4,7 +4,7 @@ Each variant changes one thing against the default ``adaprelora`` (tangent
 statistics, no momentum, update clipping at 1, damping 1e-4, Adafactor's
 decay schedule, ``B = 0`` init):
 
-* ``full_stats``: exact Adafactor statistics of the W-gradient (SPEC §4
+* ``full_stats``: exact Adafactor statistics of the W-gradient (docs/derivation.md,
   ``full``), fed as ``weight_stats``; the problems know ``G`` exactly;
 * ``b1``: momentum 0.9; ``no_clipping``; ``damping=1e-6`` / ``1e-2``;
 * ``b2=0.999``: a constant second-moment decay with bias correction;

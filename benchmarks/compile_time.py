@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import adaprelora
+from adaprelora_jax import CHUNKED, adaprelora
 from benchmarks import update_cost
 from benchmarks.sizes import fill_defaults
 
@@ -62,6 +62,7 @@ DECODERS = {
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw": lambda: optax.adamw(1e-3),
     "adaprelora": lambda: adaprelora(1e-3),
+    "adaprelora_chunked": lambda: adaprelora(1e-3, layout=CHUNKED),
 }
 
 

@@ -113,7 +113,7 @@ def train(
 
   The adapter's product is ``ΔW = A B − offset`` (a base weight that absorbs a
   nonzero initial product). With ``weight_stats``, every update also gets the
-  exact mean squares of the W-gradient (SPEC §4 ``full``) for the root pair.
+  exact mean squares of the W-gradient (``full``, docs/derivation.md) for the root pair.
   """
   delta = lambda p: p["lora_a"] @ p["lora_b"] - offset
   loss = lambda p: w_loss(delta(p))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import optax
 
-from adaprelora_jax import adaprelora
-from adaprelora_jax.alias import with_decay_and_learning_rate
+from adaprelora_jax import CHUNKED, adaprelora
+from adaprelora_jax.chain import with_decay_and_learning_rate
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw
 
 Factory = Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]
@@ -38,6 +38,10 @@ FAMILY: dict[str, Factory] = {
     "lora_rite": lambda lr, wd: lora_rite(lr, weight_decay=wd),
     "adaprelora": lambda lr, wd: adaprelora(lr, weight_decay=wd),
     "adaprelora_b1": lambda lr, wd: adaprelora(lr, b1=0.9, weight_decay=wd),
+    # The paper's rule exactly, without the factor-step control.
+    "adaprelora_exact": lambda lr, wd: adaprelora(lr, balancing=None, factor_clipping=None, weight_decay=wd),
+    # The same updates, laid out for XLA's CPU runtime (pairs alone, in chunks).
+    "adaprelora_chunked": lambda lr, wd: adaprelora(lr, layout=CHUNKED, weight_decay=wd),
 }
 """Name -> ``factory(learning_rate, weight_decay)``."""
 

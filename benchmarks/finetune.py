@@ -92,7 +92,7 @@ OPTIMIZERS: dict[str, Factory] = {
     "adaprelora_ema_grad": lambda s: optax.chain(
         _lora_only(optax.ema(EMA_DECAY, debias=True)), adaprelora(s, weight_decay=WEIGHT_DECAY)
     ),
-    # Ablation: SPEC §4 `full` statistics from the probes (benchmarks/minilm.py).
+    # Ablation: `full` statistics (docs/derivation.md) from the probes (benchmarks/minilm.py).
     "adaprelora_full": lambda s: with_weight_stats(
         adaprelora(s, statistics="full", weight_decay=WEIGHT_DECAY)
     ),

@@ -1,13 +1,16 @@
-"""Shared fixtures: float64 brute-force references for SPEC §3."""
+"""Shared fixtures: float64 brute-force references for the closed-form solve (docs/derivation.md)."""
 
 import jax
 import numpy as np
 import pytest
 
+EXACT = dict(balancing=None, factor_clipping=None)
+"""AdaPreLoRA's paper rule: no balancing term, no bound on the factor steps."""
+
 
 @pytest.fixture
 def x64():
-  """Runs a test with float64 enabled (SPEC checks at full precision)."""
+  """Runs a test with float64 enabled (checks at full precision)."""
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", False)

@@ -1,4 +1,4 @@
-"""Exact W-gradient statistics from the LoRA layers' backward pass (SPEC §4 ``full``)."""
+"""Exact W-gradient statistics from the LoRA layers' backward pass (``full``, docs/derivation.md)."""
 
 import re
 import subprocess

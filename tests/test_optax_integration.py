@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from adaprelora_jax import WeightStats, adaprelora, baselines, transform
+from adaprelora_jax import WeightStats, adaprelora, baselines
 from conftest import count_primitive
 
 EVERY_OPTIMIZER = pytest.mark.parametrize(
@@ -254,9 +254,8 @@ def _pair_states(state):
 
 
 @EVERY_OPTIMIZER
-def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make, monkeypatch):
-  monkeypatch.setattr(transform, "_JOIN_ABOVE_PAIRS", 0)  # join however few the pairs
-  tx, params = make(), _layered_params(3)
+def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make):
+  tx, params = make(), _layered_params(3)  # the default layout joins each role's layers
   together, state = _run(tx, params, [1, 2, 3])
   for key, (a, b) in {"layers/1/q": ("layers", "1"), "layers/2/mlp": ("layers", "2")}.items():
     role = key.split("/")[-1]
@@ -273,9 +272,7 @@ def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make, monkeypa
 
 
 def test_traced_solves_do_not_grow_with_unscanned_depth():
-  """Compile time follows the traced program: past ``_JOIN_ABOVE_PAIRS`` pairs in a chunk (these
-  small ones all share one), one solve per role and shape, whatever the depth; up to it, one
-  per pair (no copies to join them)."""
+  """Compile time follows the traced program: one solve per role and shape, whatever the depth."""
   tx = adaprelora(1e-2)
 
   def eighs(layers):
@@ -283,6 +280,4 @@ def test_traced_solves_do_not_grow_with_unscanned_depth():
     step = lambda p, s, g: tx.update(g, s, p)
     return count_primitive(jax.make_jaxpr(step)(params, tx.init(params), params).jaxpr, "eigh")
 
-  joined = transform._JOIN_ABOVE_PAIRS // 2 + 1  # two pairs per layer, and the stacked one
-  assert eighs(2) > eighs(1) > 0
-  assert eighs(2 * joined) == eighs(joined) == eighs(1)
+  assert eighs(16) == eighs(2) == eighs(1) > 0

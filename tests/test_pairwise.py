@@ -1,4 +1,4 @@
-"""The pairwise plumbing's chunked solves (``chunk_bytes``)."""
+"""The pairwise plumbing and its layouts: joined roles, pairs alone, chunks (``Layout``)."""
 
 import jax
 import jax.extend
@@ -7,8 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import pairwise, transform
-from adaprelora_jax.transform import scale_by_adaprelora
+from adaprelora_jax import CHUNKED, JOINED, Layout, WeightStats, pairwise, scale_by_adaprelora
 from conftest import count_primitive
 
 # Decoder-like shapes: four square projections and three MLP matrices.
@@ -40,9 +39,10 @@ def _model(layers: int, seed: int = 0) -> tuple[dict, dict]:
   return params, grads
 
 
-def _optimizer(monkeypatch, chunk_bytes: int | None, b1=None) -> optax.GradientTransformation:
-  monkeypatch.setattr(transform, "_CHUNK_BYTES", chunk_bytes)
-  return scale_by_adaprelora(b1=b1)
+def _optimizer(chunk_bytes: int | None, b1=None, join_layers_above=CHUNKED.join_layers_above
+               ) -> optax.GradientTransformation:
+  """AdaPreLoRA with pairs alone (up to ``join_layers_above``) in chunks of ``chunk_bytes``."""
+  return scale_by_adaprelora(b1=b1, layout=Layout(join_layers_above, chunk_bytes))
 
 
 def _one_pair_bytes(name: str) -> int:
@@ -52,12 +52,12 @@ def _one_pair_bytes(name: str) -> int:
 
 
 @pytest.mark.parametrize("b1", [None, 0.9])
-def test_chunks_change_the_order_not_the_values(monkeypatch, b1):
+def test_chunks_change_the_order_not_the_values(b1):
   """Three steps with every group its own chunk equal the unchunked steps bit for bit."""
   params, grads = _model(layers=2)
   runs = []
   for chunk_bytes in (None, 1):
-    tx = _optimizer(monkeypatch, chunk_bytes, b1)
+    tx = _optimizer(chunk_bytes, b1)
     p, state, updates = params, tx.init(params), None
     step = jax.jit(tx.update)
     for _ in range(3):
@@ -74,12 +74,12 @@ def _temp_bytes(tx, params, grads, weight_stats=None) -> int:
 
 
 def _weight_stats(params: dict) -> dict:
-  return {key: transform.WeightStats(jnp.ones(p["lora_a"].shape[0]), jnp.ones(p["lora_b"].shape[1]))
+  return {key: WeightStats(jnp.ones(p["lora_a"].shape[0]), jnp.ones(p["lora_b"].shape[1]))
           for key, p in params.items()}
 
 
 @pytest.mark.parametrize("statistics", ["tangent", "full"])
-def test_chunks_bound_the_live_temporaries(monkeypatch, statistics):
+def test_chunks_bound_the_live_temporaries(statistics):
   """One chunk per group: the compiled update needs far fewer temporary bytes.
 
   Unchunked, XLA overlaps every group and keeps all their ``(m, r)``
@@ -89,22 +89,20 @@ def test_chunks_bound_the_live_temporaries(monkeypatch, statistics):
   params, grads = _model(layers=4)
   stats = _weight_stats(params) if statistics == "full" else None
   temp_bytes = lambda chunk_bytes: _temp_bytes(
-      _optimizer(monkeypatch, chunk_bytes), params, grads, stats)
+      _optimizer(chunk_bytes), params, grads, stats)
   together, chunked = temp_bytes(None), temp_bytes(1)
   assert chunked < 0.5 * together, (chunked, together)
   # Chunks of one MLP pair's size hold the same bound.
   assert temp_bytes(4 * _one_pair_bytes("gate")) < 0.5 * together
 
 
-def test_joined_layers_are_split_into_chunks(monkeypatch):
+def test_joined_layers_are_split_into_chunks():
   """Joined layers of a role come in groups of at most a chunk: one group of all twelve
   MLP pairs would hold all their temporaries at once."""
-  monkeypatch.setattr(transform, "_JOIN_ABOVE_PAIRS", 0)  # join however few the pairs
   params, grads = _model(layers=12)
-  tx = _optimizer(monkeypatch, 3 * _one_pair_bytes("gate"))
-  split = _temp_bytes(tx, params, grads)
-  monkeypatch.setattr(pairwise, "_split_group", lambda members, chunk_bytes: [members])
-  whole = _temp_bytes(tx, params, grads)
+  split = _temp_bytes(_optimizer(3 * _one_pair_bytes("gate"), join_layers_above=0),
+                      params, grads)
+  whole = _temp_bytes(scale_by_adaprelora(layout=JOINED), params, grads)
   assert split < 0.5 * whole, (split, whole)
 
 
@@ -112,15 +110,15 @@ def _traced(tx, params, grads):
   return jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr
 
 
-def test_pairs_are_joined_when_a_chunk_would_hold_too_many(monkeypatch):
+def test_pairs_are_joined_when_a_chunk_would_hold_too_many():
   """XLA's compile time grows with the square of the pairs solved together, so past
-  ``_JOIN_ABOVE_PAIRS`` pairs in one chunk each role's layers are joined; with fewer per
+  ``join_layers_above`` pairs in one chunk each role's layers are joined; with fewer per
   chunk every pair is solved alone, however deep the model."""
   layers = 6
   params, grads = _model(layers)
-  assert len(SHAPES) * layers > transform._JOIN_ABOVE_PAIRS
+  assert len(SHAPES) * layers > CHUNKED.join_layers_above
   eighs = lambda chunk_bytes: count_primitive(
-      _traced(_optimizer(monkeypatch, chunk_bytes), params, grads), "eigh")
+      _traced(_optimizer(chunk_bytes), params, grads), "eigh")
   one_chunk = eighs(None)
   per_layer = eighs(sum(map(_one_pair_bytes, SHAPES)))
   assert per_layer == layers * one_chunk  # alone: 4 per pair; joined: 4 per role
@@ -142,10 +140,11 @@ def test_the_rule_is_traced_once_per_slice_shape():
   jax.tree.map(np.testing.assert_array_equal, updates, grads)
 
 
-def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
-  """The predicate that orders the chunks is true whatever the earlier chunks computed."""
+def test_a_non_finite_pair_stays_out_of_later_chunks():
+  """The predicate that orders the chunks is true whatever the earlier chunks computed, and the
+  poisoned pair itself skips its step (zero update) instead of passing NaN on."""
   params, grads = _model(layers=1)
-  tx = _optimizer(monkeypatch, 1)
+  tx = _optimizer(1)
   step = jax.jit(tx.update)
   clean, _ = step(grads, tx.init(params), params)
   first = next(iter(grads))
@@ -155,7 +154,7 @@ def test_a_non_finite_pair_stays_out_of_later_chunks(monkeypatch):
         first: {**grads[first], "lora_a": grads[first]["lora_a"].at[0, 0].set(bad)},
     }
     updates, _ = step(poisoned, tx.init(params), params)
-    assert not np.all(np.isfinite(updates[first]["lora_a"]))
+    jax.tree.map(lambda u: np.testing.assert_array_equal(u, np.zeros_like(u)), updates[first])
     for key in list(grads)[1:]:
       jax.tree.map(np.testing.assert_array_equal, updates[key], clean[key])
 
@@ -172,13 +171,13 @@ def _producers(jaxpr, var) -> set:
   return seen
 
 
-def test_each_chunk_is_one_conditional_after_the_previous(monkeypatch):
+def test_each_chunk_is_one_conditional_after_the_previous():
   """A chunk is solved inside a ``lax.cond``, which XLA runs as a unit and compiles on its
   own, and its predicate is computed from the previous chunk's results. Without that
   dependency XLA orders the chunks as it likes (8 layers of 7B shapes: 90 ms a step
   instead of 72)."""
   params, grads = _model(layers=2)
-  jaxpr = _traced(_optimizer(monkeypatch, 1), params, grads)  # a chunk per pair
+  jaxpr = _traced(_optimizer(1), params, grads)  # a chunk per pair
   conds = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
   assert len(conds) == 2 * len(SHAPES)
   for previous, cond in zip(conds, conds[1:]):
@@ -188,17 +187,12 @@ def test_each_chunk_is_one_conditional_after_the_previous(monkeypatch):
     assert count_primitive(skip.jaxpr, "eigh") == 0
     assert count_primitive(solve.jaxpr, "eigh") == 4
   assert count_primitive(jaxpr, "eigh") == 4 * len(conds)
-  assert count_primitive(_traced(_optimizer(monkeypatch, None), params, grads), "cond") == 0
+  assert count_primitive(_traced(_optimizer(None), params, grads), "cond") == 0
 
 
-def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
-  """The CPU-tuned layout (pairs alone, chunks) and the accelerator one (roles joined, no
-  chunks) trace different programs for the same updates."""
+def test_the_layouts_trace_different_programs_for_the_same_updates():
+  """Joined roles (the default) and pairs alone in chunks (``CHUNKED``) give the same updates."""
   params, grads = _model(layers=2)
-  with monkeypatch.context() as patch:
-    patch.setattr(jax, "default_backend", lambda: "gpu")
-    joined = scale_by_adaprelora()
-  alone = scale_by_adaprelora()
 
   def run(tx):
     jaxpr = _traced(tx, params, grads)
@@ -208,7 +202,9 @@ def test_off_cpu_every_role_is_joined_and_the_updates_agree(monkeypatch):
       p = optax.apply_updates(p, updates)
     return count_primitive(jaxpr, "eigh"), p
 
-  (joined_eighs, joined_params), (alone_eighs, alone_params) = run(joined), run(alone)
+  (joined_eighs, joined_params), (alone_eighs, alone_params) = (
+      run(scale_by_adaprelora()), run(scale_by_adaprelora(layout=CHUNKED)))
   assert 2 * joined_eighs == alone_eighs  # 7 roles of 2 layers against 14 pairs
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+  # Batched and single products round differently: float32 rounding after three steps.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5),
                joined_params, alone_params)

@@ -21,6 +21,7 @@ from adaprelora_jax import adaprelora
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw, scaled_gd
 
 REFERENCE = Path(__file__).parent / "data" / "reference_updates.npz"
+from conftest import EXACT  # the paper's rule, as the code had it
 STEPS = 3
 
 
@@ -37,7 +38,12 @@ def _params() -> dict:
 
 def _grads(params: dict, step: int) -> dict:
   rng = np.random.default_rng(100 + step)
-  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  # B = 0 makes A's gradient s G Bᵀ zero; a nonzero one there is no W-gradient's.
+  fresh_b_is_zero = not np.any(np.asarray(params["fresh"]["lora_b"]))
+  if fresh_b_is_zero:
+    grads["fresh"]["lora_a"] = jnp.zeros_like(grads["fresh"]["lora_a"])
+  return grads
 
 
 def _weight_stats(step: int) -> dict:
@@ -49,10 +55,10 @@ def _weight_stats(step: int) -> dict:
 
 
 CASES = {
-    "adaprelora": lambda: adaprelora(1e-2, exact=True),
-    "adaprelora_b1": lambda: adaprelora(1e-2, b1=0.9, exact=True),
-    "adaprelora_b2_decay": lambda: adaprelora(1e-2, b2=0.99, weight_decay=0.1, exact=True),
-    "adaprelora_full": lambda: adaprelora(1e-2, statistics="full", exact=True),
+    "adaprelora": lambda: adaprelora(1e-2, **EXACT),
+    "adaprelora_b1": lambda: adaprelora(1e-2, b1=0.9, **EXACT),
+    "adaprelora_b2_decay": lambda: adaprelora(1e-2, b2=0.99, weight_decay=0.1, **EXACT),
+    "adaprelora_full": lambda: adaprelora(1e-2, statistics="full", **EXACT),
     "lora_plus": lambda: lora_plus(1e-2),
     "scaled_gd": lambda: scaled_gd(1e-2),
     "scaled_adamw": lambda: scaled_adamw(1e-2),

@@ -4,6 +4,8 @@ The rules are checked on PartitionSpecs in this process; jit with the derived
 NamedShardings runs on 8 host CPU devices in a child process (see isolated.py).
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,14 +88,23 @@ def test_wrappers_inject_hyperparams_multisteps_masked():
                     if "['query']" not in k}
 
 
-def test_other_pair_states_match_axes_by_size():
+class _ToyState(NamedTuple):
+  gram: jax.Array
+  w: jax.Array
+  x: jax.Array
+  s: jax.Array
+
+  def axes(self):
+    return _ToyState(("r", "r"), ("m", "n"), ("m", "r"), ())
+
+
+def test_rule_states_are_sharded_by_the_axes_they_declare():
   def slice_init(m, n, r, dtype):
-    return {"gram": jnp.zeros((r, r)), "w": jnp.zeros((m, n)),
-            "x": jnp.zeros((m, r)), "s": jnp.zeros(())}
+    return _ToyState(jnp.zeros((r, r)), jnp.zeros((m, n)), jnp.zeros((m, r)), jnp.zeros(()))
 
   tx = pairwise_transformation("toy", slice_init, None, fallback=optax.identity())
   params = {"query": toy_lora.params()["query"],
-            # m = n = 8 with different entries: those axes cannot be told apart
+            # m = n = 8 with different entries: the declared axes tell them apart
             "square": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 8))},
             "fsdp": {"lora_a": jnp.ones((32, 2)), "lora_b": jnp.ones((2, 8))}}
   specs = {"query": toy_lora.specs()["query"],
@@ -102,13 +113,19 @@ def test_other_pair_states_match_axes_by_size():
                     "lora_b": P(None, "model")}}
   got = state_shardings(tx, params, specs).pairs
   # (m, n): m and n both want 'model'; a spec may use it only once
-  assert got["query"] == {"gram": P(None, None), "w": P("model", None),
-                          "x": P("model", None), "s": P()}
-  assert got["square"] == {"gram": P(None, None), "w": P(None, None),
-                           "x": P(None, None), "s": P()}
-  assert got["fsdp"]["w"] == P(("data", "model"), None)
+  assert got["query"] == _ToyState(P(None, None), P("model", None), P("model", None), P())
+  assert got["square"] == _ToyState(P(None, None), P("model", "data"), P("model", None), P())
+  assert got["fsdp"].w == P(("data", "model"), None)
   assert state_shardings(adaprelora(1e-2), params, specs)[0].pairs["fsdp"] == \
       (P(("data", "model")), P("model"), None, None)
+
+
+def test_a_rule_state_without_declared_axes_is_an_error():
+  tx = pairwise_transformation("toy", lambda m, n, r, dtype: {"w": jnp.zeros((m, n))}, None,
+                               fallback=optax.identity())
+  params = {"query": toy_lora.params()["query"]}
+  with pytest.raises(ValueError, match=r"state of LoRA pair 'query' \(dict\) declares no axes"):
+    state_shardings(tx, params, {"query": toy_lora.specs()["query"]})
 
 
 def test_errors_name_the_problem():

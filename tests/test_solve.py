@@ -1,4 +1,4 @@
-"""SPEC §3 properties of the closed-form solve, against brute force."""
+"""Properties of the closed-form solve (docs/derivation.md), against brute force."""
 
 import jax
 import jax.numpy as jnp

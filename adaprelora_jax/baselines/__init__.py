@@ -1,4 +1,4 @@
-"""Baseline LoRA optimizers of the family (SPEC §7), on the same plumbing.
+"""Baseline LoRA optimizers of the family (``docs/derivation.md``, the family), on the same plumbing.
 
 Each is a ``scale_by_*`` direction and an alias chained like ``optax.adamw``:
 

@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import optax
 
-from adaprelora_jax.alias import Mask, with_decay_and_learning_rate
-from adaprelora_jax.baselines._factor_adam import adam_slice_rule
+from adaprelora_jax.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.layout import ELEMENTWISE
 from adaprelora_jax.pairing import PairingRule, default_rule, path_names
 from adaprelora_jax.pairwise import pairwise_transformation
 
@@ -44,8 +45,7 @@ def _adam_on_factors(b1: float, b2: float, eps: float,
       "scale_by_lora_plus", slice_init, slice_update,
       fallback=(optax.scale_by_adam(b1, b2, eps) if fallback is None
                 else fallback),
-      # Element-wise: joining the layers would only add copies.
-      pairing=pairing, join_layers_above=None)
+      pairing=pairing, layout=ELEMENTWISE)
 
 
 def scale_by_lora_plus(

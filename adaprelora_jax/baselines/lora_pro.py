@@ -24,43 +24,19 @@ Everything here is ``r × r`` algebra on eigendecompositions of ``P`` and
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import optax
-import optax.tree_utils as otu
 
-from adaprelora_jax.alias import Mask, with_decay_and_learning_rate
-from adaprelora_jax.gram import DampedEigh, damped_eigh
+from adaprelora_jax.base import Array, vectorized
+from adaprelora_jax.baselines.factor_adam import FactorMoments, adam_step
+from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.linalg import damped_eigh, inverse, sylvester
 from adaprelora_jax.pairing import PairingRule
-from adaprelora_jax.pairwise import compute_dtype, pairwise_transformation
+from adaprelora_jax.pairwise import pairwise_transformation
 
-Array = jax.Array
 Variant = Literal["efficient", "full"]
-
-
-def _reciprocal(x: Array) -> Array:
-  """``1/x``, and 0 where ``x`` is numerically zero (the pseudo-inverse).
-
-  :func:`~adaprelora_jax.gram.damped_eigh` keeps an all-zero factor's
-  eigenvalues at ``tiny``; its Gram has no range, so the pseudo-inverse (0)
-  is the right limit there, and ``4 tiny`` also covers sums of two of them.
-  """
-  floor = 4 * jnp.sqrt(jnp.finfo(x.dtype).tiny)
-  return jnp.where(x > floor, 1.0 / jnp.maximum(x, floor), 0.0)
-
-
-def _inverse(eig: DampedEigh) -> Array:
-  """``(M + δI)⁻¹`` (pseudo-inverse where numerically singular)."""
-  return (eig.vecs * _reciprocal(eig.vals)) @ eig.vecs.T
-
-
-def _sylvester(eig_p: DampedEigh, eig_q: DampedEigh, c: Array) -> Array:
-  """``X`` with ``P X + X Q = C``: diagonal in the eigenbases of ``P`` and ``Q``."""
-  rotated = eig_p.vecs.T @ c @ eig_q.vecs
-  denom = eig_p.vals[:, None] + eig_q.vals[None, :]
-  return eig_p.vecs @ (rotated * _reciprocal(denom)) @ eig_q.vecs.T
 
 
 def _adjust(a, b, grad_a, grad_b, *, scale, damping, gauge: bool = True):
@@ -71,7 +47,7 @@ def _adjust(a, b, grad_a, grad_b, *, scale, damping, gauge: bool = True):
   """
   eig_p = damped_eigh(a.T @ a, damping)
   eig_q = damped_eigh(b @ b.T, damping)
-  inv_p, inv_q = _inverse(eig_p), _inverse(eig_q)
+  inv_p, inv_q = inverse(eig_p), inverse(eig_q)
   inv_s2 = 1.0 / (scale * scale)
   grad_a_q = grad_a @ inv_q                       # g_A Q⁻¹
   grad_b_p = inv_s2 * (inv_p @ grad_b)            # s⁻² P⁻¹ g_B
@@ -79,7 +55,7 @@ def _adjust(a, b, grad_a, grad_b, *, scale, damping, gauge: bool = True):
   coef_a = inv_s2 * (inv_p @ (a.T @ grad_a) @ inv_q)
   adj_b = grad_b_p
   if gauge:
-    x = _sylvester(eig_p, eig_q, -grad_b_p @ b.T)
+    x = sylvester(eig_p, eig_q, -grad_b_p @ b.T)
     coef_a, adj_b = coef_a + x, adj_b + x @ b
   return inv_s2 * grad_a_q - a @ coef_a, adj_b
 
@@ -124,11 +100,8 @@ def lora_pro_gradients(
     Wang, Liang, He, Wang & Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
     Optimized? <https://arxiv.org/abs/2407.18242>`_, ICLR 2025.
   """
-  dtype = compute_dtype(a.dtype, b.dtype, grad_a.dtype, grad_b.dtype)
-  adjust = jnp.vectorize(
-      lambda *xs: _adjust(*xs, scale=scale, damping=damping),
-      signature="(m,r),(r,n),(m,r),(r,n)->(m,r),(r,n)")
-  return adjust(*(x.astype(dtype) for x in (a, b, grad_a, grad_b)))
+  return vectorized(lambda *xs: _adjust(*xs, scale=scale, damping=damping),
+                    "(m,r),(r,n),(m,r),(r,n)->(m,r),(r,n)")(a, b, grad_a, grad_b)
 
 
 def solve_sylvester(p: Array, q: Array, c: Array, *,
@@ -143,36 +116,14 @@ def solve_sylvester(p: Array, q: Array, c: Array, *,
   Shapes: ``p (..., r, r)``, ``q (..., k, k)``, ``c (..., r, k)``.
   """
   def one(p, q, c):
-    return _sylvester(damped_eigh(p, damping), damped_eigh(q, damping), c)
-  dtype = compute_dtype(p.dtype, q.dtype, c.dtype)
-  return jnp.vectorize(one, signature="(r,r),(k,k),(r,k)->(r,k)")(
-      p.astype(dtype), q.astype(dtype), c.astype(dtype))
+    return sylvester(damped_eigh(p, damping), damped_eigh(q, damping), c)
+  return vectorized(one, "(r,r),(k,k),(r,k)->(r,k)")(p, q, c)
 
 
-class LoRAProState(NamedTuple):
-  """Adam moments of one LoRA pair, in float32 (or wider factors' dtype).
-
-  Attributes:
-    mu: first moment: ``(mu_a (…, m, r), mu_b (…, r, n))`` of the adjusted
-      factor gradients (``"efficient"``), or ``(…, m, n)`` of the equivalent
-      W-gradient (``"full"``).
-    nu: second moment, shaped like ``mu``.
-  """
-
-  mu: Array | tuple[Array, Array]
-  nu: Array | tuple[Array, Array]
-
-
-def _adam(grads, mu, nu, count, b1, b2, eps):
-  """Adam's bias-corrected direction and new moments, as ``optax.scale_by_adam``."""
-  mu = otu.tree_update_moment(grads, mu, b1, 1)
-  nu = otu.tree_update_moment_per_elem_norm(grads, nu, b2, 2)
-  step = optax.safe_increment(count)
-  direction = jax.tree.map(
-      lambda m, v: m / (jnp.sqrt(v) + eps),
-      otu.tree_bias_correction(mu, b1, step),
-      otu.tree_bias_correction(nu, b2, step))
-  return direction, mu, nu
+LoRAProState = FactorMoments
+"""Adam moments of one LoRA pair: ``mu``, ``nu`` of the adjusted factor gradients
+(``"efficient"``: ``((…, m, r), (…, r, n))``) or of the equivalent W-gradient
+(``"full"``: ``(…, m, n)``), in float32 (or the factors' dtype if wider)."""
 
 
 def scale_by_lora_pro(
@@ -238,27 +189,26 @@ def scale_by_lora_pro(
     raise ValueError(f"variant must be 'efficient' or 'full', got {variant!r}.")
   adjust = lambda a, b, ga, gb, **kw: _adjust(a, b, ga, gb, scale=lora_scale,
                                               damping=damping, **kw)
-  adam = lambda g, state, count: _adam(g, state.mu, state.nu, count, b1, b2, eps)
+  adam = optax.scale_by_adam(b1, b2, eps)
 
   def slice_init(m: int, n: int, rank: int, dtype) -> LoRAProState:
     if variant == "full":
-      return LoRAProState(jnp.zeros((m, n), dtype), jnp.zeros((m, n), dtype))
+      return FactorMoments(jnp.zeros((m, n), dtype), jnp.zeros((m, n), dtype))
     zeros = (jnp.zeros((m, rank), dtype), jnp.zeros((rank, n), dtype))
-    return LoRAProState(zeros, zeros)
+    return FactorMoments(zeros, zeros)
 
-  def slice_update(a, b, grad_a, grad_b, state: LoRAProState, extra, count):
+  def slice_update(a, b, grad_a, grad_b, state: FactorMoments, extra, count):
     del extra
     if variant == "efficient":
-      (delta_a, delta_b), mu, nu = adam(adjust(a, b, grad_a, grad_b), state,
-                                        count)
-      return delta_a, delta_b, LoRAProState(mu, nu)
+      (delta_a, delta_b), state = adam_step(adjust(a, b, grad_a, grad_b), state, count, adam)
+      return delta_a, delta_b, state
     # The gauge X does not change the equivalent gradient: skip its solve.
     adj_a, adj_b = adjust(a, b, grad_a, grad_b, gauge=False)
     equivalent = lora_scale * (adj_a @ b + a @ adj_b)
-    direction, mu, nu = adam(equivalent, state, count)
+    direction, state = adam_step(equivalent, state, count, adam)
     delta_a, delta_b = adjust(a, b, lora_scale * direction @ b.T,
                               lora_scale * a.T @ direction)
-    return delta_a, delta_b, LoRAProState(mu, nu)
+    return delta_a, delta_b, state
 
   return pairwise_transformation(
       "scale_by_lora_pro", slice_init, slice_update,

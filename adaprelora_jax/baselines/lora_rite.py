@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import gram
-from adaprelora_jax.alias import Mask, with_decay_and_learning_rate
+from adaprelora_jax import linalg
+from adaprelora_jax.base import Array
+from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.pairwise import pairwise_transformation
-
-Array = jax.Array
 
 
 class LoRARITEState(NamedTuple):
@@ -44,12 +42,10 @@ class LoRARITEState(NamedTuple):
   escaped_a: Array
   escaped_b: Array
 
-
-def _inverse_root(v: Array, eps: float) -> Array:
-  """``U diag(1 / (√λ + ε)) Uᵀ`` for ``v = U diag(λ) Uᵀ``, as Adam places ``ε``."""
-  w, u = jnp.linalg.eigh((v + v.T) / 2)
-  # Round-off can leave tiny negative eigenvalues on a rank-deficient v.
-  return (u / (jnp.sqrt(jnp.maximum(w, 0.0)) + eps)) @ u.T
+  def axes(self) -> LoRARITEState:
+    """Each buffer's axes, for :mod:`adaprelora_jax.sharding`."""
+    return LoRARITEState(("m", "r"), ("r", "n"), ("m", "r"), ("r", "n"), ("r", "r"),
+                         ("r", "r"), (), ())
 
 
 def _escaped_mass(nu: Array, moved: Array) -> Array:
@@ -57,7 +53,7 @@ def _escaped_mass(nu: Array, moved: Array) -> Array:
 
   ``P`` is a contraction, so every sorted eigenvalue can only shrink.
   """
-  lost = jnp.linalg.eigvalsh(nu) - jnp.linalg.eigvalsh(moved)
+  lost = linalg.eigvals(nu) - linalg.eigvals(moved)
   return jnp.maximum(jnp.max(lost), 0.0)
 
 
@@ -104,8 +100,8 @@ def scale_by_lora_rite(
   Any orthonormal frames give the same W-step (the moments turn with them),
   so the choice is numerical. The authors' code takes QR and pseudo-inverses
   of ``R``; here ``R`` is the damped symmetric root, ``R_A = (AᵀA + δ I)^½``
-  with ``δ = damping · tr(AᵀA)/r + tiny`` (SPEC §5), and ``Q_A = A R_A⁻¹``,
-  the polar factor (:func:`~adaprelora_jax.gram.damped_sqrt`). The
+  with ``δ = damping · tr(AᵀA)/r + tiny`` (``docs/derivation.md``, damping), and ``Q_A = A R_A⁻¹``,
+  the polar factor (:func:`~adaprelora_jax.linalg.damped_sqrt`). The
   pseudo-inverse inverts round-off when a factor is numerically
   rank-deficient (as a low-rank gradient at ``B = 0`` init makes ``B``): the
   partner then takes huge steps whose second-order term ``Δ_A Δ_B`` wrecks
@@ -166,7 +162,7 @@ def scale_by_lora_rite(
     steps = optax.safe_increment(count)
     second = optax.tree_utils.tree_bias_correction(
         nu + escaped * jnp.eye(nu.shape[0], dtype=nu.dtype), b2, steps)
-    mu = b1 * mu @ move.T + (1.0 - b1) * unmagnified @ _inverse_root(second, eps)
+    mu = b1 * mu @ move.T + (1.0 - b1) * unmagnified @ linalg.inverse_root(second, eps)
     direction = optax.tree_utils.tree_bias_correction(mu, b1, steps)
     if clipping_threshold is not None:
       direction = direction / jnp.maximum(1.0, _rms(direction) / clipping_threshold)
@@ -175,8 +171,8 @@ def scale_by_lora_rite(
   def slice_update(a, b, grad_a, grad_b, state: LoRARITEState, extra, count):
     """``A`` in ``B``'s row frame, ``B`` (transposed) in ``A``'s column frame."""
     del extra
-    _, inv_a = gram.damped_sqrt(a.T @ a, damping)
-    _, inv_b = gram.damped_sqrt(b @ b.T, damping)
+    _, inv_a = linalg.damped_sqrt(a.T @ a, damping)
+    _, inv_b = linalg.damped_sqrt(b @ b.T, damping)
     frame_a, frame_b = a @ inv_a.T, inv_b @ b
     delta_a, mu_a, nu_a, escaped_a = factor_step(
         grad_a, state.mu_a, state.nu_a, state.escaped_a, frame_b,

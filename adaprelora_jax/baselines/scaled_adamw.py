@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import jax
 import optax
 
-from adaprelora_jax.gram import damped_inverse
-from adaprelora_jax.alias import Mask, with_decay_and_learning_rate
-from adaprelora_jax.baselines._factor_adam import adam_slice_rule
+from adaprelora_jax.base import Array
+from adaprelora_jax.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.linalg import damped_inverse
 from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.pairwise import pairwise_transformation
-
-Array = jax.Array
 
 
 def scaled_gradients(a: Array, b: Array, grad_a: Array, grad_b: Array,

@@ -1,29 +1,24 @@
-"""The closed-form factor-space solve of AdaPreLoRA (SPEC §3).
+"""AdaPreLoRA's closed-form solve and its pieces as plain functions of arrays.
 
-Everything here acts on LoRA pairs in Flax layout, ``ΔW = s · A @ B`` with
-``A (m, r)`` and ``B (r, n)``, vectorised over any leading batch axes
-(stacked layers, experts). Nothing here builds an ``m × n`` array: the work is
-``O((m + n) r² + r³)`` per slice.
+For users who want the math without the optimizer: each function takes a
+LoRA pair in Flax layout, ``ΔW = s · A @ B`` with ``A (..., m, r)`` and
+``B (..., r, n)``, vectorised over any leading batch axes, and computes in
+float32 or wider. Nothing ``m × n`` is formed. The math is in
+``docs/derivation.md``; :mod:`adaprelora_jax.rule` holds the implementation.
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import gram
-from adaprelora_jax.pairwise import compute_dtype
-
-Array = jax.Array
+from adaprelora_jax import rule
+from adaprelora_jax.base import Array, vectorized
 
 
-def solve_2d(a, b, grad_a, grad_b, row, col, *, scale, damping):
-  """SPEC §3 for one slice: ``a (m,r)``, ``b (r,n)``, ``row (m,)``, ``col (n,)``."""
-  eye = jnp.eye(a.shape[1], dtype=a.dtype)
-  return gram.solve(a, b, grad_a, eye, grad_b, eye, a.T @ grad_a, row, col,
-                    scale=scale, damping=damping)
+def _hyperparams(damping: float | Array) -> rule.Hyperparams:
+  return rule.Hyperparams(b1=None, decay_rate=0.8, b2=None, eps=0.0, damping=damping,
+                          lora_scale=1.0, clipping_threshold=None, balancing=None,
+                          factor_clipping=None)
 
 
 def solve_factor_update(
@@ -77,11 +72,18 @@ def solve_factor_update(
     Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
-  dtype = compute_dtype(a.dtype, b.dtype, grad_a.dtype, grad_b.dtype)
-  solve = jnp.vectorize(
-      functools.partial(solve_2d, scale=scale, damping=damping),
-      signature="(m,r),(r,n),(m,r),(r,n),(m),(n)->(m,r),(r,n)")
-  return solve(*(x.astype(dtype) for x in (a, b, grad_a, grad_b, row, col)))
+  hp = _hyperparams(damping)
+
+  def one(a, b, grad_a, grad_b, row, col):
+    # At unit scale the gradients are those of s G, whose projection is s times G's.
+    x = rule.Slice(a, b, grad_a, grad_b)
+    eye = jnp.eye(a.shape[1], dtype=a.dtype)
+    factor_grads = rule.FactorGradients(grad_a, eye, grad_b, eye, a.T @ grad_a)
+    delta_a, delta_b = rule.solve(x, factor_grads, row, col, rule.grams(x), hp)
+    return delta_a / scale**2, delta_b / scale**2
+
+  return vectorized(one, "(m,r),(r,n),(m,r),(r,n),(m),(n)->(m,r),(r,n)")(
+      a, b, grad_a, grad_b, row, col)
 
 
 def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
@@ -91,10 +93,10 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
 
   ``P_T(G) = P_A G + G P_B − P_A G P_B`` (Frobenius projections onto ``A``'s
   column space and ``B``'s row space) is the minimum-norm W-gradient
-  consistent with ``grad_a = s G Bᵀ`` and ``grad_b = s Aᵀ G`` (SPEC §4
-  ``tangent``). It has rank ``≤ 2r`` and is never formed: the sums of squares
-  are quadratic forms in the ``2r × 2r`` Grams of ``[A, grad_a]`` and
-  ``[B; grad_b]``.
+  consistent with ``grad_a = s G Bᵀ`` and ``grad_b = s Aᵀ G``
+  (``docs/derivation.md``, statistics). It has rank ``≤ 2r`` and is never
+  formed: the sums of squares are quadratic forms in the ``2r × 2r`` Grams
+  of ``[A, grad_a]`` and ``[B; grad_b]``.
 
   Args:
     a: ``A``, shape ``(..., m, r)``.
@@ -102,31 +104,29 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
     grad_a: ``∂L/∂A``, shape of ``a``.
     grad_b: ``∂L/∂B``, shape of ``b``.
     scale: the LoRA scale ``s``.
-    damping: relative damping of the projections (SPEC §5); ``0`` is exact
-      for full-rank factors.
+    damping: relative damping of the projections; ``0`` is exact for
+      full-rank factors.
 
   Returns:
     ``(row, col)``: ``mean_j P_T(G)_ij²`` of shape ``(..., m)`` and
     ``mean_i P_T(G)_ij²`` of shape ``(..., n)``.
-
-  References:
-    Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
-    <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
   def one(a, b, grad_a, grad_b):
-    grams = gram.slice_grams(a, b, grad_a, grad_b, damping, scale)
-    return gram.tangent_mean_squares(a, b, grad_a, grad_b, grams)
-  return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->(m),(n)")(
-      a, b, grad_a, grad_b)
+    x = rule.Slice(a, b, grad_a, grad_b)
+    grams = rule.grams(x)
+    row, col = rule.tangent_mean_squares(x, grams, rule.frames(grams, damping))
+    return row / scale**2, col / scale**2
+
+  return vectorized(one, "(m,r),(r,n),(m,r),(r,n)->(m),(n)")(a, b, grad_a, grad_b)
 
 
 def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
                scale: float | Array = 1.0) -> Array:
   """RMS of the first-order W-step ``s (dA B + A dB)``, per batch slice.
 
-  ``‖dA B + A dB‖²`` is assembled from ``r × r`` Grams, so nothing ``m × n``
-  is formed. AdaPreLoRA's update clipping bounds this RMS, the W-space
-  counterpart of Adafactor's ``clip_by_block_rms``.
+  ``‖dA B + A dB‖²`` is assembled from ``r × r`` Grams. AdaPreLoRA's update
+  clipping bounds this RMS, the W-space counterpart of Adafactor's
+  ``clip_by_block_rms``.
 
   Args:
     a: ``A``, shape ``(..., m, r)``.
@@ -139,6 +139,8 @@ def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
     ``sqrt(mean_ij (s (dA B + A dB))_ij²)``, shape ``(...)``.
   """
   def one(a, b, delta_a, delta_b):
-    return gram.w_step_rms(a, b, delta_a, delta_b, a.T @ a, b @ b.T, scale)
-  return jnp.vectorize(one, signature="(m,r),(r,n),(m,r),(r,n)->()")(
-      a, b, delta_a, delta_b)
+    return scale * rule.w_step_rms_from_grams(
+        a.T @ a, b @ b.T, delta_a.T @ delta_a, delta_a.T @ a, delta_b @ delta_b.T,
+        delta_b @ b.T, a.shape[0], b.shape[1])
+
+  return vectorized(one, "(m,r),(r,n),(m,r),(r,n)->()")(a, b, delta_a, delta_b)
