@@ -86,6 +86,24 @@ class Exponents(NamedTuple):
 _NO_EXPONENT = -(2**12)  # far below any float's
 
 
+def _pow2(e: Array) -> Array:
+  """``2^e`` exactly, as a float32 built from its bits, for ``-126 <= e <= 127``."""
+  return jax.lax.bitcast_convert_type((e.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def times_pow2(x: Array, e: Array) -> Array:
+  """``x · 2^e``, exact unless it under- or overflows, for ``|e| <= 500``.
+
+  Four multiplications by in-range powers of two: ``jnp.ldexp`` handles
+  subnormals bit by bit and made the whole update several times slower.
+  """
+  e = jnp.clip(e, -500, 500)
+  for _ in range(3):
+    part = jnp.clip(e, -126, 127)
+    x, e = x * _pow2(part).astype(x.dtype), e - part
+  return x * _pow2(jnp.clip(e, -126, 127)).astype(x.dtype)
+
+
 def _exponent(x: Array, if_zero: int) -> Array:
   """``e`` with ``max |x| < 2^e``, or ``if_zero`` for an all-zero ``x``."""
   largest = jnp.max(jnp.abs(x))
@@ -103,8 +121,8 @@ def normalize(x: Slice) -> tuple[Slice, Exponents]:
   eg = jnp.maximum(_exponent(x.grad_a, _NO_EXPONENT) - eb,
                    _exponent(x.grad_b, _NO_EXPONENT) - ea)
   eg = jnp.where(eg < _NO_EXPONENT // 2, 0, eg)  # both gradients zero
-  return Slice(jnp.ldexp(x.a, -ea), jnp.ldexp(x.b, -eb), jnp.ldexp(x.grad_a, -(eg + eb)),
-               jnp.ldexp(x.grad_b, -(eg + ea))), Exponents(ea, eb, eg)
+  return Slice(times_pow2(x.a, -ea), times_pow2(x.b, -eb), times_pow2(x.grad_a, -(eg + eb)),
+               times_pow2(x.grad_b, -(eg + ea))), Exponents(ea, eb, eg)
 
 
 # 2. Grams and frames -------------------------------------------------------
@@ -347,7 +365,7 @@ def balancing_gauge(g: Grams, e: Exponents, rate: float | Array) -> Array:
   (``A = 2^a A'``), so neither overflows.
   """
   top = jnp.maximum(e.a, e.b)
-  gram_a, gram_b = jnp.ldexp(g.gram_a, 2 * (e.a - top)), jnp.ldexp(g.gram_b, 2 * (e.b - top))
+  gram_a, gram_b = times_pow2(g.gram_a, 2 * (e.a - top)), times_pow2(g.gram_b, 2 * (e.b - top))
   total = gram_a + gram_b
   t = jnp.trace(total) / total.shape[-1] + jnp.finfo(total.dtype).tiny
   return rate * linalg.damped_inverse(total / t, 1e-6) @ ((gram_a - gram_b) / t)
@@ -388,8 +406,8 @@ def update(hp: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array, Ar
   x, e = normalize(raw)
   # s G = 2^g G', so statistics and moments of G carry 4^g / s², and the
   # unit-scale metric for G' is ρ' = ρ s / 2^g.
-  to_true = lambda y, power: jnp.ldexp(y, power * e.g) / hp.lora_scale ** power
-  to_unit = lambda y, power: jnp.ldexp(y * hp.lora_scale ** power, -power * e.g)
+  to_true = lambda y, power: times_pow2(y, power * e.g) / hp.lora_scale ** power
+  to_unit = lambda y, power: times_pow2(y * hp.lora_scale ** power, -power * e.g)
   gr = grams(x)
   fr = frames(gr, hp.damping)
   if stats is None:
@@ -407,12 +425,12 @@ def update(hp: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array, Ar
     mu_a, mu_b = to_true(mu_a, 1), to_true(mu_b, 1)
   delta_a, delta_b = solve(x, fg, row, col, gr, hp)
   # A = 2^a A' and B = 2^b B' at scale s: dA = dA' / (s 2^b), dB = dB' / (s 2^a).
-  delta_a = jnp.ldexp(delta_a, -e.b) / hp.lora_scale
-  delta_b = jnp.ldexp(delta_b, -e.a) / hp.lora_scale
+  delta_a = times_pow2(delta_a, -e.b) / hp.lora_scale
+  delta_b = times_pow2(delta_b, -e.a) / hp.lora_scale
   if hp.balancing is not None:
     omega = balancing_gauge(gr, e, hp.balancing)
-    delta_a = delta_a + jnp.ldexp(x.a @ omega, e.a)
-    delta_b = delta_b - jnp.ldexp(omega @ x.b, e.b)
+    delta_a = delta_a + times_pow2(x.a @ omega, e.a)
+    delta_b = delta_b - times_pow2(omega @ x.b, e.b)
   if hp.factor_clipping is not None:
     delta_a = clip_factor(delta_a, hp.factor_clipping)
     delta_b = clip_factor(delta_b, hp.factor_clipping)

@@ -25,7 +25,7 @@ import argparse
 import json
 import pathlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,16 @@ SIZES = {
 """Problem dimensions, steps and seeds of each ``--size``; ``--steps`` / ``--seeds`` override."""
 
 
-def train(
+class Run(NamedTuple):
+  """One training run: the loss before each step and after the last, the final params, and
+  the largest factor norm ``max(|A|, |B|)`` seen after any step."""
+
+  losses: np.ndarray
+  params: dict
+  largest_factor: float
+
+
+def train_run(
     tx: optax.GradientTransformation,
     params: dict,
     w_loss: WLoss,
@@ -108,8 +117,8 @@ def train(
     *,
     offset: jax.Array | float = 0.0,
     weight_stats: bool = False,
-) -> np.ndarray:
-  """The loss before each step and after the last one, in one jitted scan.
+) -> Run:
+  """``steps`` updates in one jitted scan.
 
   The adapter's product is ``ΔW = A B − offset`` (a base weight that absorbs a
   nonzero initial product). With ``weight_stats``, every update also gets the
@@ -117,19 +126,29 @@ def train(
   """
   delta = lambda p: p["lora_a"] @ p["lora_b"] - offset
   loss = lambda p: w_loss(delta(p))
+  norm = lambda x: jnp.sqrt(jnp.sum(x * x))
 
   def step(carry, _):
-    params, state = carry
+    params, state, largest = carry
     value, grads = jax.value_and_grad(loss)(params)
     extra = {}
     if weight_stats:
       g2 = jax.grad(w_loss)(delta(params)) ** 2
       extra["weight_stats"] = {"": WeightStats(jnp.mean(g2, 1), jnp.mean(g2, 0))}
     updates, state = tx.update(grads, state, params, **extra)
-    return (optax.apply_updates(params, updates), state), value
+    params = optax.apply_updates(params, updates)
+    largest = jnp.maximum(largest, jnp.maximum(norm(params["lora_a"]), norm(params["lora_b"])))
+    return (params, state, largest), value
 
-  (params, _), values = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=steps))(params)
-  return np.append(np.asarray(values), float(loss(params)))
+  run = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p), jnp.float32(0)), length=steps))
+  (params, _, largest), values = run(params)
+  return Run(np.append(np.asarray(values), float(loss(params))), params, float(largest))
+
+
+def train(tx: optax.GradientTransformation, params: dict, w_loss: WLoss, steps: int,
+          **kwargs: Any) -> np.ndarray:
+  """The loss before each step and after the last one (:func:`train_run`'s ``losses``)."""
+  return train_run(tx, params, w_loss, steps, **kwargs).losses
 
 
 def steps_to(relative: np.ndarray, target: float) -> int | None:

@@ -4,40 +4,19 @@ The paper's exact rule (``EXACT``) fails each of these; the default (balancing t
 factor clipping, ``docs/derivation.md``) passes, and still reaches the toy optimum as fast.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from adaprelora_jax import adaprelora
-from benchmarks.controlled import lora_regression
+from benchmarks.controlled import lora_regression, train_run
+from benchmarks.factor_control import moved
 from conftest import EXACT
 
 
-def _norm(x):
-  return jnp.sqrt(jnp.sum(x * x))
-
-
-def _train(tx, params, loss_of_w, steps):
-  """Loss curve, final params and the largest ``max(|A|, |B|)`` over the run."""
-  loss = lambda p: loss_of_w(p["lora_a"] @ p["lora_b"])
-
-  def step(carry, _):
-    p, state, largest = carry
-    value, grads = jax.value_and_grad(loss)(p)
-    updates, state = tx.update(grads, state, p)
-    p = optax.apply_updates(p, updates)
-    largest = jnp.maximum(largest, jnp.maximum(_norm(p["lora_a"]), _norm(p["lora_b"])))
-    return (p, state, largest), value
-
-  run = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p), jnp.float32(0)), length=steps))
-  (p, _, largest), values = run(params)
-  return np.append(np.asarray(values), float(loss(p))), p, float(largest)
-
-
-def _moved(params, final):
-  return float(_norm(final["lora_a"] - params["lora_a"]) / _norm(params["lora_a"]))
+def _train(tx, params, loss, steps):
+  run = train_run(tx, params, loss, steps)
+  return run.losses, run.params, run.largest_factor
 
 
 @pytest.mark.parametrize("b1", [None, 0.9])
@@ -45,12 +24,12 @@ def test_a_tiny_learning_rate_moves_a_little_from_b_zero(b1):
   """After ``B = 0`` the exact rule moves ``A`` by O(|A|) per step whatever the lr (its step is
   O(1/|B|) and ``B`` is O(lr)); with the control ``A`` moves about as little as Adam's."""
   params, loss = lora_regression(0)  # 32 x 24, rank 4, B = 0
-  moved = {name: _moved(params, _train(tx, params, loss, 1000)[1]) for name, tx in {
+  moved_by = {name: moved(params, _train(tx, params, loss, 1000)[1]) for name, tx in {
       "adam": optax.adam(1e-6, b1=0.9 if b1 is None else b1),
       "exact": adaprelora(1e-6, b1=b1, **EXACT),
       "default": adaprelora(1e-6, b1=b1)}.items()}
-  assert moved["exact"] > 10, moved
-  assert moved["default"] <= 3 * moved["adam"], moved
+  assert moved_by["exact"] > 10, moved_by
+  assert moved_by["default"] <= 3 * moved_by["adam"], moved_by
 
 
 def test_factors_stay_bounded_at_ten_times_the_best_learning_rate():
