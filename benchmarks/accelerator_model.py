@@ -220,7 +220,7 @@ def predict(program: dict, chip: Chip) -> dict:
           "total_s": roofline + launches + solvers}
 
 
-SOLVE_STAGES = 2  # AdaPreLoRA's dependent eigh stages: the factor Grams, then the weighted Grams
+SOLVE_STAGES = 2  # dependent eigh stages: the factor Grams (roots, balancing), then the weighted Grams
 
 
 def with_batched_solves(program: dict) -> dict:

@@ -48,17 +48,16 @@ from adaprelora_jax import adaprelora, annotate_opt_state, state_shardings
 from adaprelora_jax.checkpoint import restore_state
 
 STEPS, SAVED_AT = 5, 2
+pure = getattr(nnx, "as_pure", None) or nnx.pure  # Flax renamed it; pure warns in newer ones
 ROWS = 16  # global batch rows, split over the processes by the 'data' axis
 
 
 def main(port: int, process_id: int, num_processes: int, out: str) -> None:
   if "jax_cpu_collectives_implementation" in jax.config.values:  # gone once gloo is the only one
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # --- README "On many hosts": initialize ---
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=num_processes, process_id=process_id,
                              initialization_timeout=60)
-  # --- end of snippet ---
   assert jax.process_count() == num_processes, jax.process_count()
   mesh = _mesh()
   start = time.perf_counter()
@@ -70,10 +69,8 @@ def main(port: int, process_id: int, num_processes: int, out: str) -> None:
 
 
 def _mesh() -> jax.sharding.Mesh:
-  # --- README "On many hosts": mesh ---
   mesh = jax.make_mesh((jax.process_count(), jax.local_device_count()),
                        ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-  # --- end of snippet ---
   # One row of the mesh per process: each host feeds its own rows of a batch.
   rows = [{d.process_index for d in row} for row in mesh.devices]
   assert rows == [{p} for p in range(jax.process_count())], rows
@@ -153,7 +150,6 @@ def _optax_run(mesh, out: str) -> None:
   def optimizer():
     return adaprelora(1e-2, b1=0.9, weight_decay=0.01)
 
-  # --- README "On many hosts": train, save, restore ---
   tx = optimizer()
   param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), toy_lora.specs())
   params = _global(toy_lora.params(), param_shardings)  # same values on every host
@@ -176,7 +172,6 @@ def _optax_run(mesh, out: str) -> None:
   restored_params = checkpointer.restore(os.path.join(directory, "params"), target)
   restored_state = restore_state(os.path.join(directory, "opt_state"), fresh,
                                  restored_params, state_shardings(fresh, params, param_shardings))
-  # --- end of snippet ---
   saved = (params, opt_state)
   split = _check_split(saved, (param_shardings, opt_shardings))
   _assert_bit_identical((restored_params, restored_state), saved, "restored")
@@ -243,7 +238,7 @@ def _nnx_run(mesh, out: str) -> None:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.state(fresh_model))
   nnx.update(fresh_model, checkpointer.restore(os.path.join(directory, "model"), abstract))
-  params = nnx.pure(nnx.state(fresh_model, models.WRT))
+  params = pure(nnx.state(fresh_model, models.WRT))
   shardings = state_shardings(fresh.tx, params, jax.tree.map(lambda x: x.sharding, params))
   split = _check_split(values(optimizer), shardings)
   restored = restore_state(os.path.join(directory, "opt_state"), fresh.tx, params, shardings)
@@ -256,11 +251,11 @@ def _nnx_run(mesh, out: str) -> None:
   run(fresh_model, fresh, range(SAVED_AT, STEPS))
   _check_split(values(optimizer), shardings)
   _assert_bit_identical(values(fresh), values(optimizer), "resumed")
-  _assert_bit_identical(nnx.pure(nnx.state(fresh_model)), nnx.pure(nnx.state(model)),
+  _assert_bit_identical(pure(nnx.state(fresh_model)), pure(nnx.state(model)),
                         "resumed model")
   _report(out, "nnx", split_across_processes=split, resumed_bit_identical=True)
-  _save_gathered({"model": nnx.pure(nnx.state(model, models.WRT)),
-                  "optimizer": nnx.pure(nnx.state(optimizer))},
+  _save_gathered({"model": pure(nnx.state(model, models.WRT)),
+                  "optimizer": pure(nnx.state(optimizer))},
                  os.path.join(out, "nnx.npz"))
 
 
