@@ -1,8 +1,9 @@
 """Array-only ``r × r`` linear algebra shared by AdaPreLoRA and the baselines.
 
-Every function takes and returns arrays of one slice (no batch axes, no
-pytrees): symmetric eigendecompositions, damped inverses and roots, and the
-Sylvester solve. ``δ = damping · tr(M)/r + tiny`` is the relative shift of
+Every function takes and returns arrays (no pytrees): symmetric
+eigendecompositions, damped inverses and roots, and the Sylvester solve. The
+eigendecompositions, inverses and roots also take a stack ``(..., r, r)``,
+which the accelerators' solvers run as one batched call. ``δ = damping · tr(M)/r + tiny`` is the relative shift of
 ``docs/derivation.md`` (damping).
 """
 
@@ -15,9 +16,13 @@ import jax.numpy as jnp
 from adaprelora_jax.base import Array
 
 
+def _t(x: Array) -> Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
 def symmetric_eigh(matrix: Array) -> tuple[Array, Array]:
   """``(vals, vecs)`` of a symmetric matrix, symmetrised first against rounding."""
-  return jnp.linalg.eigh((matrix + matrix.T) / 2)
+  return jnp.linalg.eigh((matrix + _t(matrix)) / 2)
 
 
 class DampedEigh(NamedTuple):
@@ -29,7 +34,8 @@ class DampedEigh(NamedTuple):
 
 def shift(gram: Array, damping: Array | float) -> Array:
   """``δ = damping · tr(gram)/r + tiny``: relative, so rescaling a factor rescales it too."""
-  return damping * jnp.trace(gram) / gram.shape[-1] + jnp.sqrt(jnp.finfo(gram.dtype).tiny)
+  trace = jnp.trace(gram, axis1=-2, axis2=-1)
+  return damping * trace / gram.shape[-1] + jnp.sqrt(jnp.finfo(gram.dtype).tiny)
 
 
 def damped_eigh(gram: Array, damping: Array | float) -> DampedEigh:
@@ -40,7 +46,7 @@ def damped_eigh(gram: Array, damping: Array | float) -> DampedEigh:
   are clamped at 0 before the shift.
   """
   vals, vecs = symmetric_eigh(gram)
-  return DampedEigh(jnp.maximum(vals, 0.0) + shift(gram, damping), vecs)
+  return DampedEigh(jnp.maximum(vals, 0.0) + shift(gram, damping)[..., None], vecs)
 
 
 def pseudo_reciprocal(x: Array) -> Array:
@@ -56,7 +62,7 @@ def pseudo_reciprocal(x: Array) -> Array:
 
 def inverse(eig: DampedEigh) -> Array:
   """``(M + δ I)⁻¹`` from its eigensystem (0 on a numerically zero ``M``)."""
-  return (eig.vecs * pseudo_reciprocal(eig.vals)) @ eig.vecs.T
+  return (eig.vecs * pseudo_reciprocal(eig.vals)[..., None, :]) @ _t(eig.vecs)
 
 
 def damped_inverse(gram: Array, damping: Array | float) -> Array:
@@ -71,8 +77,8 @@ def damped_sqrt(gram: Array, damping: Array | float) -> tuple[Array, Array]:
   coordinates built from it vary smoothly from step to step.
   """
   eig = damped_eigh(gram, damping)
-  return ((eig.vecs * jnp.sqrt(eig.vals)) @ eig.vecs.T,
-          (eig.vecs * jnp.sqrt(pseudo_reciprocal(eig.vals))) @ eig.vecs.T)
+  return ((eig.vecs * jnp.sqrt(eig.vals)[..., None, :]) @ _t(eig.vecs),
+          (eig.vecs * jnp.sqrt(pseudo_reciprocal(eig.vals))[..., None, :]) @ _t(eig.vecs))
 
 
 def sylvester(eig_p: DampedEigh, eig_q: DampedEigh, c: Array) -> Array:
@@ -85,7 +91,7 @@ def sylvester(eig_p: DampedEigh, eig_q: DampedEigh, c: Array) -> Array:
 def inverse_root(matrix: Array, eps: float | Array) -> Array:
   """``U diag(1 / (√λ + ε)) Uᵀ`` for a PSD ``matrix = U diag(λ) Uᵀ``, as Adam places ``ε``."""
   vals, vecs = symmetric_eigh(matrix)
-  return (vecs / (jnp.sqrt(jnp.maximum(vals, 0.0)) + eps)) @ vecs.T
+  return (vecs / (jnp.sqrt(jnp.maximum(vals, 0.0)) + eps)[..., None, :]) @ _t(vecs)
 
 
 def eigvals(matrix: Array) -> Array:

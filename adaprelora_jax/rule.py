@@ -185,8 +185,9 @@ class Frames(NamedTuple):
 
 
 def frames(g: Grams, damping: Array | float) -> Frames:
-  root_a, inv_a = linalg.damped_sqrt(g.gram_a, damping)
-  root_b, inv_b = linalg.damped_sqrt(g.gram_b, damping)
+  # Both roots from one batched eigendecomposition: one solver call, not two.
+  (root_a, root_b), (inv_a, inv_b) = linalg.damped_sqrt(jnp.stack([g.gram_a, g.gram_b]),
+                                                        damping)
   hat_a = inv_a @ g.gram_a @ inv_a.T  # ÂᵀÂ
   hat_b = inv_b @ g.gram_b @ inv_b.T  # B̂B̂ᵀ
   return Frames(root_a, root_b, inv_a, inv_b, to_y=inv_b.T @ hat_b, to_x=hat_a @ inv_a)
@@ -329,8 +330,8 @@ def solve(x: Slice, fg: FactorGradients, row: Array, col: Array, g: Grams, hp: H
   Update clipping scales the coefficients so that the W-step's RMS, read
   from ``r × r`` Grams of that form, is at most the threshold.
   """
-  inv_p = linalg.damped_inverse((x.a * row[:, None]).T @ x.a, hp.damping)
-  inv_q = linalg.damped_inverse((x.b * col[None, :]) @ x.b.T, hp.damping)
+  inv_p, inv_q = linalg.damped_inverse(
+      jnp.stack([(x.a * row[:, None]).T @ x.a, (x.b * col[None, :]) @ x.b.T]), hp.damping)
   cross = -0.5 * inv_p @ (fg.a_e_a @ fg.map_a) @ inv_q  # Y
   lead_a, lead_b = fg.map_a @ inv_q, inv_p @ fg.map_b    # X, X'
   scaled_a, scaled_b = fg.e_a / row[:, None], fg.e_b / col[None, :]  # F, F'
