@@ -10,8 +10,13 @@ checkpoint directory and no metrics-logging options it writes no files.
 """
 
 import numpy as np
+import pytest
 from flax import nnx
-from tunix.sft import peft_trainer
+
+pytest.importorskip(
+    "tunix", reason="google-tunix is not installed: it comes with the [tunix] extra "
+    "(pip install -e '.[tunix]'; `bash scripts/setup.sh test` installs it on the oldest set)")
+from tunix.sft import peft_trainer  # noqa: E402
 
 from adaprelora_jax import PairState, adaprelora
 
