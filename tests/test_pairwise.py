@@ -21,6 +21,7 @@ SHAPES = {
     "down": (768, 256),
 }
 RANK = 8
+EIGHS_PER_SLICE = 3  # the two roots, the two weighted inverses, the balancing term
 
 
 def _model(layers: int, seed: int = 0) -> tuple[dict, dict]:
@@ -121,7 +122,7 @@ def test_pairs_are_joined_when_a_chunk_would_hold_too_many():
       _traced(_optimizer(chunk_bytes), params, grads), "eigh")
   one_chunk = eighs(None)
   per_layer = eighs(sum(map(_one_pair_bytes, SHAPES)))
-  assert per_layer == layers * one_chunk  # alone: 4 per pair; joined: 4 per role
+  assert per_layer == layers * one_chunk  # alone: per pair; joined: per role
 
 
 def test_the_rule_is_traced_once_per_slice_shape():
@@ -185,8 +186,8 @@ def test_each_chunk_is_one_conditional_after_the_previous():
   for cond in conds:
     skip, solve = cond.params["branches"]
     assert count_primitive(skip.jaxpr, "eigh") == 0
-    assert count_primitive(solve.jaxpr, "eigh") == 4
-  assert count_primitive(jaxpr, "eigh") == 4 * len(conds)
+    assert count_primitive(solve.jaxpr, "eigh") == EIGHS_PER_SLICE
+  assert count_primitive(jaxpr, "eigh") == EIGHS_PER_SLICE * len(conds)
   assert count_primitive(_traced(_optimizer(None), params, grads), "cond") == 0
 
 
@@ -205,6 +206,8 @@ def test_the_layouts_trace_different_programs_for_the_same_updates():
   (joined_eighs, joined_params), (alone_eighs, alone_params) = (
       run(scale_by_adaprelora()), run(scale_by_adaprelora(layout=CHUNKED)))
   assert 2 * joined_eighs == alone_eighs  # 7 roles of 2 layers against 14 pairs
-  # Batched and single products round differently: float32 rounding after three steps.
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5),
+  # Batched and single products round differently: float32 rounding (relative to the
+  # largest parameter), after three steps that move the factors by O(1) each (no learning rate).
+  largest = max(float(np.abs(y).max()) for y in jax.tree.leaves(alone_params))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=5e-5 * largest),
                joined_params, alone_params)
