@@ -5,11 +5,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from adaprelora_jax import WeightStats, adaprelora, baselines, scale_by_adaprelora
+from adaprelora_jax import WeightStats, adaprelora, baselines
 from adaprelora_jax.checkpoint import restore_state
 
 
