@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,7 +62,7 @@ def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
           f"{(*batch, size)} for A {pair.a_path} and B {pair.b_path}.")
     try:
       concrete = np.asarray(value)
-    except Exception:  # traced: the rule clamps negatives and skips non-finite steps
+    except jax.errors.TracerArrayConversionError:  # the rule clamps negatives, skips non-finite
       concrete = None
     if concrete is not None and not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0)):
       raise ValueError(f"{where} must be finite and >= 0 (mean squares); its smallest entry "
