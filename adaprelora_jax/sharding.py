@@ -199,7 +199,7 @@ def annotate_opt_state(
   """
   params = nnx.state(model, optimizer.wrt)
   specs = state_shardings(
-      optimizer.tx, nnx.pure(params), nnx.pure(nnx.get_partition_spec(params)), pairing=pairing
+      optimizer.tx, _values(params), _values(nnx.get_partition_spec(params)), pairing=pairing
   )
   meshes = {v.get_metadata().get("mesh") for v in jax.tree.leaves(params, is_leaf=_is_variable)}
   meshes.discard(None)
@@ -218,6 +218,11 @@ def annotate_opt_state(
 
 def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
+
+
+def _values(tree: Any) -> Any:
+  """``tree`` with each ``Variable`` replaced by its value (``nnx.pure``, renamed across Flax releases)."""
+  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable)
 
 
 def _spec_maker(names: Sequence[tuple[str, ...]], given: Sequence[Any]
