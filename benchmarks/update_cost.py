@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     counts = size["layer_counts"] if args.layer_counts is None else args.layer_counts
     result["by_rank"] = {r: run(scaled, 1, r) for r in tqdm(ranks, desc="rank sweep")}
     result["by_layers"] = {n: run(scaled, n, args.rank) for n in tqdm(counts, desc="layer sweep")}
-    for key in ("by_rank", "by_layers"):
+    for key in (k for k in ("by_rank", "by_layers") if result[k]):  # `--ranks` alone: no sweep
       print(f"\ntime / adamw, {key}")
       print("| optimizer | " + " | ".join(map(str, result[key])) + " |")
       print("|---|" + "---|" * len(result[key]))

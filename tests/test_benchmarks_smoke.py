@@ -52,3 +52,10 @@ def test_update_cost_runs_and_measures_state_ratios(tmp_path):
 def test_update_cost_rejects_a_negative_eviction_size():
   with pytest.raises(ValueError, match="--evict-mib must be 0 or more MiB, got -1"):
     update_cost.main(["--shrink", "64", "--evict-mib", "-1", "--no-scaling"])
+
+
+def test_update_cost_prints_no_table_for_an_empty_sweep(tmp_path, capsys):
+  update_cost.main(["--shrink", "64", "--repeats", "1", "--optimizers", "adamw", "--ranks",
+                    "--layer-counts", "1", "--evict-mib", "0", "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  assert "by_rank" not in printed and "time / adamw, by_layers" in printed
