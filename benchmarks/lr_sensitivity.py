@@ -22,7 +22,9 @@ Results go to ``--out``: ``lr_sensitivity_<task>.json`` (per optimizer, lr
 and seed: final score, ``diverged``, the held-out curve and the train
 losses; rewritten after each run) and ``lr_sensitivity_<task>.png`` (final
 score against peak lr, one line per optimizer, min-max bars over seeds,
-diverged points crossed; the curves at each best lr). Runs already in the
+diverged points crossed; the curves at each best lr). A run has diverged when
+a train loss is non-finite, when its last losses average 1.5x the first, or,
+on SmolLM2, when it ends above the zero-shot perplexity. Runs already in the
 JSON with the same settings are kept, not rerun, so a sweep resumes where it
 stopped and a new optimizer, lr or seed extends it.
 """
@@ -72,6 +74,15 @@ def diverged(losses: Sequence[float]) -> bool:
   if not losses or not np.all(np.isfinite(losses)):
     return True
   return float(np.mean(losses[-LOSS_WINDOW:])) > DIVERGED_FACTOR * losses[0]
+
+
+def ended_worse(task: str, final: float | None, reference: float) -> bool:
+  """SmolLM2: a final perplexity above the zero-shot model's, i.e. the fine-tune undid its start.
+
+  MiniLM's head starts untrained, so its reference (the majority class) is not
+  where a run begins and a low accuracy there is not a divergence.
+  """
+  return task == "smollm2" and (final is None or final > reference)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -319,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   make = minilm_runner if args.task == "minilm" else smollm2_runner
   runner, reference = make(args, progress)
   saved["reference"] = reference
+  for by_lr in saved["runs"].values():  # runs stored before the rule flag the same way
+    for by_seed in by_lr.values():
+      for r in by_seed.values():
+        r["diverged"] = r["diverged"] or ended_worse(args.task, r["final"], reference)
   start = time.perf_counter()
 
   def write() -> None:
@@ -335,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if str(seed) not in by_seed:
       bar.set_description(f"{name} lr={lr:g} seed={seed}")
       r = runner(name, lr, seed)
+      r["diverged"] = r["diverged"] or ended_worse(args.task, r["final"], reference)
       by_seed[str(seed)] = r
       final = "n/a" if r["final"] is None else f"{r['final']:.4f}"
       tqdm.write(

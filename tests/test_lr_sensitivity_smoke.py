@@ -26,6 +26,11 @@ def test_diverged_rule():
   assert lr_sensitivity.diverged([3.0, 2.0, math.nan])
   assert lr_sensitivity.diverged([3.0, 3.0, 9.0, 9.0])  # finite, blown up
   assert lr_sensitivity.diverged([])
+  # SmolLM2 also fails a run that ends above the zero-shot perplexity, whatever its train loss.
+  assert lr_sensitivity.ended_worse("smollm2", 1994.0, 102.4)
+  assert lr_sensitivity.ended_worse("smollm2", None, 102.4)
+  assert not lr_sensitivity.ended_worse("smollm2", 48.1, 102.4)
+  assert not lr_sensitivity.ended_worse("minilm", 0.05, 0.13)  # an untrained head starts below
 
 
 def test_minilm_grid_flags_an_absurd_lr_and_reuses_runs(tmp_path):
@@ -71,17 +76,24 @@ def test_unknown_optimizer_is_named():
 
 
 def test_smollm2_task_scores_held_out_perplexity(tmp_path):
-  saved = lr_sensitivity.main(
-      [
-          *("--task", "smollm2", "--optimizers", "adaprelora", "--lrs", "1e-3", "--steps", "3"),
-          *("--layers", "2", "--batch", "2", "--max-len", "16", "--eval-rows", "8"),
-          *("--eval-batch", "4", "--eval-every", "3", "--no-progress", "--out", str(tmp_path)),
-      ]
-  )
-  assert json.loads((tmp_path / "lr_sensitivity_smollm2.json").read_text()) == saved
+  argv = [
+      *("--task", "smollm2", "--optimizers", "adaprelora", "--lrs", "1e-3", "--steps", "3"),
+      *("--layers", "2", "--batch", "2", "--max-len", "16", "--eval-rows", "8"),
+      *("--eval-batch", "4", "--eval-every", "3", "--no-progress", "--out", str(tmp_path)),
+  ]
+  saved = lr_sensitivity.main(argv)
+  path = tmp_path / "lr_sensitivity_smollm2.json"
+  assert json.loads(path.read_text()) == saved
   assert saved["higher_is_better"] is False and saved["settings"]["layers"] == 2
   r = saved["runs"]["adaprelora"][repr(1e-3)]["0"]
   _check_run(r, 3)
   # Step 0 is the base model (B = 0): the zero-shot perplexity, the reference line.
   assert r["eval_steps"] == [0, 3] and r["curve"][0] == saved["reference"]
   assert r["final"] == r["curve"][-1] > 0
+
+  # A stored run that ended above the zero-shot perplexity is flagged when the JSON is read back.
+  r.update(final=10 * saved["reference"], diverged=False)
+  path.write_text(json.dumps(saved))
+  again = lr_sensitivity.main(argv)
+  assert again["runs"]["adaprelora"][repr(1e-3)]["0"]["diverged"] is True
+  assert again["summary"]["adaprelora"]["lrs"][repr(1e-3)]["diverged"] == 1
