@@ -10,7 +10,7 @@ tasks are those of the other benchmarks, with their ``--size`` defaults:
   WordNet noun categories, 150 steps of 32 at CPU size), scored by final
   held-out accuracy;
 * ``smollm2``: :mod:`benchmarks.causal_lm` (SmolLM2-135M + LoRA on fortunes,
-  4 x 64 tokens per step at CPU size, 100 steps here), scored by final
+  4 x 64 tokens per step at CPU size, 80 steps here), scored by final
   held-out perplexity on unseen categories.
 
 ::
@@ -57,9 +57,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "cpu": {**finetune.SIZES["cpu_sweep"], "layers": None},
         "gpu": {**finetune.SIZES["gpu_sweep"], "layers": None},
     },
-    # 100 steps rather than causal_lm's 40, so the lrs have time to separate.
+    # 80 steps rather than causal_lm's 40, so the lrs have time to separate.
     "smollm2": {
-        "cpu": {**causal_lm.SIZES["cpu"], "steps": 100, "layers": None},
+        "cpu": {**causal_lm.SIZES["cpu"], "steps": 80, "eval_every": 20, "layers": None},
         "gpu": {**causal_lm.SIZES["gpu"], "layers": None},
     },
 }
