@@ -29,8 +29,8 @@ import optax
 
 from adaprelora_jax import adaprelora
 from benchmarks.controlled import lora_regression, steps_to, train_run
+from benchmarks.family import EXACT
 
-EXACT = dict(balancing=None, factor_clipping=None)
 OPTIMIZERS = {
     "adam": lambda lr, b1: optax.adam(lr, b1=0.9 if b1 is None else b1),
     "adaprelora (exact, the paper's rule)": lambda lr, b1: adaprelora(lr, b1=b1, **EXACT),

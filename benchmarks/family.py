@@ -23,6 +23,9 @@ from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adam
 
 Factory = Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]
 
+EXACT: dict[str, None] = dict(balancing=None, factor_clipping=None)
+"""AdaPreLoRA's arguments for the paper's rule: no balancing term, no bound on the factor steps."""
+
 FAMILY: dict[str, Factory] = {
     "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
     # Optax's Adafactor direction (factored for dims >= 128, update clipping)
@@ -39,7 +42,7 @@ FAMILY: dict[str, Factory] = {
     "adaprelora": lambda lr, wd: adaprelora(lr, weight_decay=wd),
     "adaprelora_b1": lambda lr, wd: adaprelora(lr, b1=0.9, weight_decay=wd),
     # The paper's rule exactly, without the factor-step control.
-    "adaprelora_exact": lambda lr, wd: adaprelora(lr, balancing=None, factor_clipping=None, weight_decay=wd),
+    "adaprelora_exact": lambda lr, wd: adaprelora(lr, weight_decay=wd, **EXACT),
     # The same updates, laid out for XLA's CPU runtime (pairs alone, in chunks).
     "adaprelora_chunked": lambda lr, wd: adaprelora(lr, layout=CHUNKED, weight_decay=wd),
 }

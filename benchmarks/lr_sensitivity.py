@@ -330,10 +330,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
   make = minilm_runner if args.task == "minilm" else smollm2_runner
   runner, reference = make(args, progress)
   saved["reference"] = reference
+
+  def settle(r: dict) -> dict:
+    """``r`` with ``diverged`` also set by :func:`ended_worse`."""
+    r["diverged"] = r["diverged"] or ended_worse(args.task, r["final"], reference)
+    return r
+
   for by_lr in saved["runs"].values():  # runs stored before the rule flag the same way
     for by_seed in by_lr.values():
       for r in by_seed.values():
-        r["diverged"] = r["diverged"] or ended_worse(args.task, r["final"], reference)
+        settle(r)
   start = time.perf_counter()
 
   def write() -> None:
@@ -349,8 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     by_seed = saved["runs"].setdefault(name, {}).setdefault(lr_key(lr), {})
     if str(seed) not in by_seed:
       bar.set_description(f"{name} lr={lr:g} seed={seed}")
-      r = runner(name, lr, seed)
-      r["diverged"] = r["diverged"] or ended_worse(args.task, r["final"], reference)
+      r = settle(runner(name, lr, seed))
       by_seed[str(seed)] = r
       final = "n/a" if r["final"] is None else f"{r['final']:.4f}"
       tqdm.write(

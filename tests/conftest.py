@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-EXACT = dict(balancing=None, factor_clipping=None)
-"""AdaPreLoRA's paper rule: no balancing term, no bound on the factor steps."""
+from benchmarks.family import EXACT  # noqa: F401  (AdaPreLoRA's arguments for the paper's rule)
 
 
 @pytest.fixture

@@ -14,17 +14,12 @@ from benchmarks.factor_control import moved
 from conftest import EXACT
 
 
-def _train(tx, params, loss, steps):
-  run = train_run(tx, params, loss, steps)
-  return run.losses, run.params, run.largest_factor
-
-
 @pytest.mark.parametrize("b1", [None, 0.9])
 def test_a_tiny_learning_rate_moves_a_little_from_b_zero(b1):
   """After ``B = 0`` the exact rule moves ``A`` by O(|A|) per step whatever the lr (its step is
   O(1/|B|) and ``B`` is O(lr)); with the control ``A`` moves about as little as Adam's."""
   params, loss = lora_regression(0)  # 32 x 24, rank 4, B = 0
-  moved_by = {name: moved(params, _train(tx, params, loss, 1000)[1]) for name, tx in {
+  moved_by = {name: moved(params, train_run(tx, params, loss, 1000).params) for name, tx in {
       "adam": optax.adam(1e-6, b1=0.9 if b1 is None else b1),
       "exact": adaprelora(1e-6, b1=b1, **EXACT),
       "default": adaprelora(1e-6, b1=b1)}.items()}
@@ -40,8 +35,8 @@ def test_factors_stay_bounded_at_ten_times_the_best_learning_rate():
   params, loss = lora_regression(0)
   curves = {}
   for name, tx in {"exact": adaprelora(0.1, **EXACT), "default": adaprelora(0.1)}.items():
-    curve, _, largest = _train(tx, params, loss, 10_000)
-    curves[name] = (largest, curve[-1] / curve[0])
+    run = train_run(tx, params, loss, 10_000)
+    curves[name] = (run.largest_factor, run.losses[-1] / run.losses[0])
   assert curves["exact"][0] > 100, curves
   assert curves["default"][0] <= 20, curves
   assert curves["default"][1] < 0.02, curves
@@ -54,7 +49,7 @@ def test_the_toy_optimum_is_reached_as_fast_at_the_best_learning_rate():
     params, loss = lora_regression(seed)
     out = {}
     for name, tx in {"exact": adaprelora(0.01, **EXACT), "default": adaprelora(0.01)}.items():
-      curve, _, _ = _train(tx, params, loss, 2000)
+      curve = train_run(tx, params, loss, 2000).losses
       relative = curve / curve[0]
       out[name] = (int(np.flatnonzero(relative < 0.02)[0]), relative[-1])
     assert out["default"][0] <= 1.1 * out["exact"][0], (seed, out)

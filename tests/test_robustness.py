@@ -10,6 +10,7 @@ import pytest
 
 from adaprelora_jax import WeightStats, adaprelora, baselines
 from adaprelora_jax.checkpoint import restore_state
+from conftest import EXACT
 
 
 def _params(seed=0, b_scale=0.5):
@@ -86,7 +87,7 @@ def test_large_finite_inputs_give_finite_updates(case, b1):
     assert _finite((updates["q"], state[0].pairs)), case
 
 
-@pytest.mark.parametrize("control", [dict(balancing=None, factor_clipping=None), {}])
+@pytest.mark.parametrize("control", [EXACT, {}])
 def test_extreme_scales_give_the_rescaled_step(control):
   """Rescaling the gradients leaves Adafactor's first step unchanged, and for the paper's rule
   the gauge ``(c A, B / c)`` maps the step to ``(c dA, dB / c)`` (the balancing term is not
