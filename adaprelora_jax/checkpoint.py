@@ -56,11 +56,13 @@ def restore_state(
 
   Raises:
     FileNotFoundError: if there is no checkpoint at ``path``.
+    NotADirectoryError: if ``path`` is a file, not a checkpoint directory.
     ValueError: if its metadata cannot be read (a damaged checkpoint, or one
-      another checkpointer wrote), or if the checkpoint holds a leaf the
-      state lacks, lacks one it has, or stores one with another shape or
-      dtype; the message names the first such leaf path, with both shapes
-      and dtypes.
+      another checkpointer wrote); if the checkpoint holds a leaf the state
+      lacks, lacks one it has, or stores one with another shape or dtype (the
+      message names the first such leaf path, with both shapes and dtypes);
+      or if its array data is missing or damaged (the message gives the
+      first line of TensorStore's reason).
   """
   checkpointer = ocp.StandardCheckpointer() if checkpointer is None else checkpointer
   expected = jax.eval_shape(tx.init, params)
@@ -71,13 +73,29 @@ def restore_state(
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       expected, shardings)
-  return checkpointer.restore(path, target)
+  try:
+    return checkpointer.restore(path, target)
+  except Exception as error:
+    # Orbax wraps TensorStore's read error in a bare Exception quoting the whole spec.
+    if type(error) is not Exception or not isinstance(error.__cause__, ValueError):
+      raise
+    raise ValueError(f"checkpoint {path}: its array data is missing or damaged "
+                     f"({_first_line(error.__cause__, path)})") from error.__cause__
+
+
+def _first_line(error: BaseException, path: str | os.PathLike, limit: int = 160) -> str:
+  """``error``'s first line, without the checkpoint's path (said already), cut to ``limit``."""
+  line = str(error).strip().split("\n", 1)[0].replace(os.path.abspath(path), "…")
+  return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def _stored_tree(checkpointer: ocp.AbstractCheckpointer, path: str | os.PathLike) -> PyTree:
   """The stored tree's metadata, or the reason it cannot be read."""
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"Checkpoint at {path} not found.")
+  if not epath.Path(path).is_dir():
+    raise NotADirectoryError(f"checkpoint {path} is a file, not a checkpoint directory "
+                             "(restore from the directory given to save).")
   stored = checkpointer.metadata(path)
   stored = getattr(stored, "item_metadata", stored)
   if stored is None:

@@ -13,6 +13,7 @@ import optax
 
 from adaprelora_jax import rule
 from adaprelora_jax.base import Array, PairState, WeightStats
+from adaprelora_jax.checks import is_number
 from adaprelora_jax.layout import JOINED, Layout
 from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule
 from adaprelora_jax.pairwise import PairwiseState, pairwise_transformation
@@ -25,27 +26,22 @@ ScaleByAdaPreLoRAState = PairwiseState
 
 
 def _check_hyperparams(**values: Any) -> None:
-  """Raises a ``ValueError`` naming the first out-of-range hyperparameter."""
-  checks = {
-      "b1": (lambda v: v is None or 0.0 <= v < 1.0, "None or in [0, 1)"),
-      "b2": (lambda v: v is None or 0.0 <= v < 1.0, "None or in [0, 1)"),
-      "decay_rate": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
-      "eps": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
-      "damping": (lambda v: np.isfinite(v) and v >= 0.0, "finite and >= 0"),
-      "lora_scale": (lambda v: np.isfinite(v) and v > 0.0, "finite and > 0"),
-      "clipping_threshold": (lambda v: v is None or (np.isfinite(v) and v > 0.0),
-                             "None, or finite and > 0"),
-      "balancing": (lambda v: v is None or (np.isfinite(v) and v >= 0.0),
-                    "None, or finite and >= 0"),
-      "factor_clipping": (lambda v: v is None or (np.isfinite(v) and v > 0.0),
-                          "None, or finite and > 0"),
-  }
+  """Raises a ``TypeError`` or ``ValueError`` naming the first non-float or out-of-range value."""
+  unit = (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+  nonnegative = (lambda v: np.isfinite(v) and v >= 0.0, "a finite float >= 0")
+  positive = (lambda v: np.isfinite(v) and v > 0.0, "a finite float > 0")
+  checks = {"b1": unit, "b2": unit, "decay_rate": nonnegative, "eps": nonnegative,
+            "damping": nonnegative, "lora_scale": positive, "clipping_threshold": positive,
+            "balancing": nonnegative, "factor_clipping": positive}
+  optional = {"b1", "b2", "clipping_threshold", "balancing", "factor_clipping"}
   for name, value in values.items():
+    if value is None and name in optional:
+      continue
     valid, expected = checks[name]
-    # Traced values (under inject_hyperparams) are checked by the caller's schedule.
-    if value is None or isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-      if not valid(value):
-        raise ValueError(f"scale_by_adaprelora: {name}={value!r}; expected {expected}.")
+    expected += " or None" if name in optional else ""
+    # Arrays may be traced (under inject_hyperparams): only their type is checked here.
+    if is_number("scale_by_adaprelora", name, value, expected) and not valid(value):
+      raise ValueError(f"scale_by_adaprelora: {name}={value!r}; expected {expected}.")
 
 
 def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
@@ -166,6 +162,8 @@ def scale_by_adaprelora(
     ``params`` (required) and an optional ``weight_stats``.
 
   Raises:
+    TypeError: for a hyperparameter that is not a float (a bool, a schedule:
+      wrap the optimizer in ``optax.inject_hyperparams`` for one), naming it.
     ValueError: for an out-of-range hyperparameter, naming it.
 
   References:

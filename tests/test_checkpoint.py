@@ -198,3 +198,57 @@ def _readme_snippet(directory):
   assert restored[0].pairs["attn"].mu_b.sharding == NamedSharding(
       mesh, P(None, "model"))
   jax.tree.map(np.testing.assert_array_equal, restored, opt_state)
+
+
+def _large_trained_state(path):
+  """A state saved after one step, large enough that Orbax stores its arrays
+  apart from the metadata (small values are inlined with it)."""
+  rng = np.random.default_rng(0)
+  params = {"q": {"lora_a": jnp.asarray(rng.normal(size=(1024, 4)), jnp.float32),
+                  "lora_b": jnp.asarray(rng.normal(size=(4, 1024)), jnp.float32)}}
+  tx = _optimizer()
+  grads = jax.tree.map(lambda x: 0.1 * x[::-1], params)
+  _, state = tx.update(grads, tx.init(params), params)
+  _save(path, state, ocp.StandardCheckpointer())
+  return tx, params
+
+
+def _array_data(path):
+  """The checkpoint's largest data file: the one holding the arrays' bytes."""
+  return max((f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"),
+             key=lambda f: f.stat().st_size)
+
+
+def _assert_short_and_names(error, path, *phrases):
+  message = str(error)
+  assert "\n" not in message and len(message) < 300, message
+  assert str(path) in message, message
+  for phrase in phrases:
+    assert phrase in message, message
+
+
+def test_truncated_array_data_is_one_line_naming_the_path(tmp_path):
+  path = tmp_path / "state"
+  tx, params = _large_trained_state(path)
+  data = _array_data(path)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  with pytest.raises(ValueError) as error:
+    restore_state(path, tx, params)
+  _assert_short_and_names(error.value, path, "array data is missing or damaged (")
+
+
+def test_deleted_array_data_is_one_line_naming_the_path(tmp_path):
+  path = tmp_path / "state"
+  tx, params = _large_trained_state(path)
+  _array_data(path).unlink()
+  with pytest.raises(ValueError) as error:
+    restore_state(path, tx, params)
+  _assert_short_and_names(error.value, path, "array data is missing or damaged (")
+
+
+def test_a_file_is_not_a_checkpoint_directory(tmp_path):
+  path = tmp_path / "state.ckpt"
+  path.write_text("not a checkpoint")
+  with pytest.raises(NotADirectoryError) as error:
+    restore_state(path, _optimizer(), toy_lora.params())
+  _assert_short_and_names(error.value, path, "is a file, not a checkpoint directory")

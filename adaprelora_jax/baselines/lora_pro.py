@@ -32,6 +32,7 @@ import optax
 from adaprelora_jax.base import Array, vectorized
 from adaprelora_jax.baselines.factor_adam import FactorMoments, adam_step
 from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.checks import check_floats
 from adaprelora_jax.linalg import damped_eigh, inverse, sylvester
 from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.pairwise import pairwise_transformation
@@ -187,6 +188,8 @@ def scale_by_lora_pro(
   """
   if variant not in ("efficient", "full"):
     raise ValueError(f"variant must be 'efficient' or 'full', got {variant!r}.")
+  check_floats("scale_by_lora_pro", b1=b1, b2=b2, eps=eps, damping=damping,
+               lora_scale=lora_scale)
   adjust = lambda a, b, ga, gb, **kw: _adjust(a, b, ga, gb, scale=lora_scale,
                                               damping=damping, **kw)
   adam = optax.scale_by_adam(b1, b2, eps)

@@ -7,6 +7,7 @@ import optax
 from adaprelora_jax.base import Array
 from adaprelora_jax.baselines.factor_adam import adam_slice_rule
 from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax.checks import check_floats
 from adaprelora_jax.linalg import damped_inverse
 from adaprelora_jax.pairing import PairingRule
 from adaprelora_jax.pairwise import pairwise_transformation
@@ -66,6 +67,7 @@ def scale_by_scaled_gd(
     Zhang & Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  check_floats("scale_by_scaled_gd", damping=damping)
 
   def slice_update(a, b, grad_a, grad_b, state, extra, count):
     del extra, count
@@ -116,6 +118,7 @@ def scale_by_scaled_adam(
     Zhang & Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  check_floats("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, damping=damping)
   slice_init, slice_update = adam_slice_rule(
       lambda a, b, grad_a, grad_b: scaled_gradients(a, b, grad_a, grad_b,
                                                     damping), b1, b2, eps)
