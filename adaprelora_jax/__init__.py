@@ -12,6 +12,7 @@ from adaprelora_jax.functional import (solve_factor_update, tangent_mean_squares
 from adaprelora_jax.layout import CHUNKED, JOINED, Layout
 from adaprelora_jax.pairing import (LoRAPair, LoRAPairing, default_rule,
                                     lora_pairs)
+from adaprelora_jax.pairwise import SliceCounts, skipped_steps
 from adaprelora_jax.sharding import annotate_opt_state, state_shardings
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState, scale_by_adaprelora
 
@@ -20,7 +21,8 @@ __all__ = [
     "LoRAPairing", "Layout", "PairState", "ScaleByAdaPreLoRAState", "WeightStats",
     "WeightStatsVar", "adaprelora", "annotate_opt_state", "default_rule",
     "linear_with_weight_stats", "lora_pairs",
-    "scale_by_adaprelora", "solve_factor_update", "split_weight_stats",
+    "SliceCounts", "scale_by_adaprelora", "skipped_steps", "solve_factor_update",
+    "split_weight_stats",
     "state_shardings",
     "tangent_mean_squares", "w_step_rms", "weight_stats_probe",
     "with_weight_stats",

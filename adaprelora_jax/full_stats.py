@@ -133,12 +133,14 @@ def _dot(x: Array, y: Array, contract: tuple[int, int], precision, dtype) -> Arr
                          precision=precision, preferred_element_type=dtype)
 
 
-def _gram_mean_squares(x: Array, delta: Array, precision, dtype
-                       ) -> tuple[Array, Array]:
+def _gram_mean_squares(x: Array, delta: Array, dtype) -> tuple[Array, Array]:
   """``G``'s row and column mean squares from ``x (N, m)`` and ``δ (N, n)``, without ``G``.
 
-  ``Σ_j G_ij² = (xᵀ (δ δᵀ) x)_ii`` and ``Σ_i G_ij² = (δᵀ (x xᵀ) δ)_jj``.
+  ``Σ_j G_ij² = (xᵀ (δ δᵀ) x)_ii`` and ``Σ_i G_ij² = (δᵀ (x xᵀ) δ)_jj``. The
+  regrouped sums cancel down to ``G``'s size from ``Σ_k |x_k| |δ_k|``, so their
+  products are float32 on every backend (``HIGHEST``), whatever the layer's.
   """
+  precision = lax.Precision.HIGHEST
   m, n = x.shape[1], delta.shape[1]
   gram_d = _dot(delta, delta, (1, 1), precision, dtype)      # (N, N)
   gram_x = _dot(x, x, (1, 1), precision, dtype)              # (N, N)
@@ -181,8 +183,7 @@ def _linear_bwd(precision, preferred_element_type, out_sharding, method, res,
                       preferred_element_type=dtype,
                       out_sharding=_kernel_sharding(kernel, x))
   if _gram_route(method, x, n):
-    row, col = _gram_mean_squares(x.reshape(-1, m), dy.reshape(-1, n),
-                                  precision, dtype)
+    row, col = _gram_mean_squares(x.reshape(-1, m), dy.reshape(-1, n), dtype)
   else:
     row, col = jnp.mean(g * g, 1), jnp.mean(g * g, 0)
   stats = WeightStats(_cast_like(row, probe.row), _cast_like(col, probe.col))
@@ -216,7 +217,8 @@ def linear_with_weight_stats(
     probe: ``WeightStats(row (m,), col (n,))`` of zeros (its value is not
       read), e.g. :func:`weight_stats_probe`.
     precision, preferred_element_type, out_sharding: as in
-      ``lax.dot_general`` (``precision`` also applies to the statistics).
+      ``lax.dot_general`` (``precision`` also applies to ``G`` on the
+      ``"dense"`` route; the ``"gram"`` route's products are ``HIGHEST``).
     method: ``"dense"`` forms ``G``, ``"gram"`` uses the ``N × N`` Grams of
       ``x`` and ``δ`` instead, ``"auto"`` takes the cheaper (module docstring).
 

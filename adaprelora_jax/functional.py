@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from adaprelora_jax import rule
-from adaprelora_jax.base import Array, vectorized
+from adaprelora_jax.base import Array, dot, vectorized
 
 
 def _hyperparams(damping: float | Array) -> rule.Hyperparams:
@@ -78,7 +78,7 @@ def solve_factor_update(
     # At unit scale the gradients are those of s G, whose projection is s times G's.
     x = rule.Slice(a, b, grad_a, grad_b)
     eye = jnp.eye(a.shape[1], dtype=a.dtype)
-    factor_grads = rule.FactorGradients(grad_a, eye, grad_b, eye, a.T @ grad_a)
+    factor_grads = rule.FactorGradients(grad_a, eye, grad_b, eye, dot(a.T, grad_a))
     delta_a, delta_b = rule.solve(x, factor_grads, row, col, rule.grams(x), hp)
     return delta_a / scale**2, delta_b / scale**2
 
@@ -140,7 +140,7 @@ def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
   """
   def one(a, b, delta_a, delta_b):
     return scale * rule.w_step_rms_from_grams(
-        a.T @ a, b @ b.T, delta_a.T @ delta_a, delta_a.T @ a, delta_b @ delta_b.T,
-        delta_b @ b.T, a.shape[0], b.shape[1])
+        dot(a.T, a), dot(b, b.T), dot(delta_a.T, delta_a), dot(delta_a.T, a),
+        dot(delta_b, delta_b.T), dot(delta_b, b.T), a.shape[0], b.shape[1])
 
   return vectorized(one, "(m,r),(r,n),(m,r),(r,n)->()")(a, b, delta_a, delta_b)

@@ -11,6 +11,11 @@ this module:
 * the rule computes in float32, or wider if the factors are; the state keeps
   its dtype;
 * every other leaf goes to a fallback transformation;
+* a slice whose inputs or results are not all finite steps by zero and keeps
+  its state; each slice counts its applied and its skipped steps
+  (:class:`SliceCounts`, read with :func:`skipped_steps`), and its rule sees
+  its own applied-step count, so a slice resumed after skips steps as a
+  fresh one would;
 * the update checks the trees and the state and names the offending leaves.
 
 The state of a pair is the rule's per-slice state with the pair's batch axes
@@ -34,6 +39,7 @@ import optax
 from adaprelora_jax.base import Array, PyTree, compute_dtype
 from adaprelora_jax.layout import JOINED, Layout, Member, input_bytes, plan
 from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs, path_names
+from adaprelora_jax.solver_batching import batch_solves
 
 
 class SliceInit(Protocol):
@@ -45,11 +51,33 @@ class SliceUpdate(Protocol):
   def __call__(self, a: Array, b: Array, grad_a: Array, grad_b: Array,
                state: PyTree, extra: PyTree, count: Array
                ) -> tuple[Array, Array, PyTree]:
-    """``(delta_a, delta_b, new_state)`` for one slice at step ``count``."""
+    """``(delta_a, delta_b, new_state)`` for one slice that has taken ``count`` steps.
+
+    A rule asks for the step to be skipped (and counted) by returning a
+    non-finite result.
+    """
 
 
 PairExtras = Callable[[LoRAPairing, Mapping[str, Any]], Mapping[str, PyTree]]
 """Per-pair extra inputs (with the pair's batch axes) from ``update``'s extra arguments."""
+
+
+class SliceCounts(NamedTuple):
+  """Steps of each batch slice of a pair, int32 arrays of the pair's batch shape.
+
+  Attributes:
+    applied: steps the slice took: its rule's step number (decays, bias
+      corrections).
+    skipped: steps it skipped because an input or a result was not finite
+      (as ``optax.apply_if_finite`` counts ``notfinite_count``).
+  """
+
+  applied: Array
+  skipped: Array
+
+  def axes(self) -> SliceCounts:
+    """No axes after the batch axes, for :mod:`adaprelora_jax.sharding`."""
+    return SliceCounts((), ())
 
 
 class PairwiseState(NamedTuple):
@@ -58,24 +86,48 @@ class PairwiseState(NamedTuple):
   Attributes:
     count: number of updates so far, int32.
     pairs: the rule's state per LoRA pair, keyed by the pair key.
+    counts: each pair's :class:`SliceCounts`, keyed by the pair key.
     fallback: the fallback transformation's state (non-LoRA leaves).
   """
 
   count: Array
   pairs: dict[str, PyTree]
+  counts: dict[str, SliceCounts]
   fallback: optax.OptState
+
+
+def skipped_steps(state: optax.OptState) -> dict[str, Array]:
+  """How many steps each LoRA pair's slices skipped, keyed by the pair key.
+
+  ``state`` is the state of any optimizer of this family, alone or inside
+  Optax wrappers (``chain``, ``inject_hyperparams``, ``MultiSteps``). Each
+  value has the pair's batch shape (``()`` for an unstacked pair). A slice
+  skips a step, and keeps its state, when its factors, gradients or
+  statistics, or its computed step or state, are not finite.
+  """
+  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PairwiseState))
+  return {key: counts.skipped for node in nodes if isinstance(node, PairwiseState)
+          for key, counts in node.counts.items()}
 
 
 def _pair_dtype(leaves: list[Any], pair: LoRAPair) -> jnp.dtype:
   return compute_dtype(leaves[pair.a_index].dtype, leaves[pair.b_index].dtype)
 
 
-def _pair_state(slice_init: SliceInit, pair: LoRAPair, dtype) -> PyTree:
-  per_slice = slice_init(pair.m, pair.n, pair.rank, dtype)
+def _per_slice(pair: LoRAPair, per_slice: PyTree) -> PyTree:
   # A copy per leaf: the same buffer twice in a state cannot be donated to a jitted step.
   return jax.tree.map(
       lambda x: jnp.array(jnp.broadcast_to(x, (*pair.batch_shape, *x.shape)), copy=True),
       per_slice)
+
+
+def _pair_state(slice_init: SliceInit, pair: LoRAPair, dtype) -> PyTree:
+  return _per_slice(pair, slice_init(pair.m, pair.n, pair.rank, dtype))
+
+
+def _zero_counts(pair: LoRAPair) -> SliceCounts:
+  zero = jnp.zeros([], jnp.int32)
+  return _per_slice(pair, SliceCounts(zero, zero))
 
 
 def _first_difference(got: Any, want: Any) -> str:
@@ -106,19 +158,22 @@ def check_updates(name: str, pairing: LoRAPairing, updates: Any, params: Any) ->
 
 
 def check_state(name: str, slice_init: SliceInit, pairing: LoRAPairing,
-                pair_states: Mapping[str, PyTree], params: Any) -> None:
+                state: PairwiseState, params: Any) -> None:
   """Raises a clear error if the state was made for other pairs or shapes."""
   expected = {p.key: p for p in pairing.pairs}
-  if set(pair_states) != set(expected):
-    raise ValueError(
-        f"{name}: the state was initialised for other LoRA pairs. "
-        f"Missing in state: {sorted(set(expected) - set(pair_states))}; "
-        f"unknown in params: {sorted(set(pair_states) - set(expected))}.")
+  for field in ("pairs", "counts"):
+    held = getattr(state, field)
+    if set(held) != set(expected):
+      raise ValueError(
+          f"{name}: the state was initialised for other LoRA pairs. "
+          f"Missing in state: {sorted(set(expected) - set(held))}; "
+          f"unknown in params: {sorted(set(held) - set(expected))}.")
   leaves = jax.tree_util.tree_leaves(params)
   for key, pair in expected.items():
-    want = jax.eval_shape(
-        lambda: _pair_state(slice_init, pair, _pair_dtype(leaves, pair)))
-    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(pair_states[key])
+    want = jax.eval_shape(lambda: (
+        _pair_state(slice_init, pair, _pair_dtype(leaves, pair)), _zero_counts(pair)))
+    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(
+        (state.pairs[key], state.counts[key]))
     want_leaves, want_tree = jax.tree_util.tree_flatten(want)
     if got_tree != want_tree:
       raise ValueError(f"{name}: state of pair {key!r} has structure {got_tree}, "
@@ -131,13 +186,32 @@ def check_state(name: str, slice_init: SliceInit, pairing: LoRAPairing,
             f"{pair.a_matrix_shape} and B {pair.b_path} {pair.b_matrix_shape}.")
 
 
-Solved = dict[str, tuple[Array, Array, PyTree]]
-"""``(delta_a, delta_b, state)`` per pair key, the deltas shaped like the factors' gradients."""
+Solved = dict[str, tuple[Array, Array, PyTree, SliceCounts]]
+"""``(delta_a, delta_b, state, counts)`` per pair key, the deltas shaped like the factors'
+gradients."""
 
 
-def _solve_group(slice_update: SliceUpdate, group: list[Member],
-                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree], count: Array
-                 ) -> Solved:
+def _all_finite(*trees: PyTree) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
+def _skipping(slice_update: SliceUpdate):
+  """``slice_update`` that steps by zero, keeps the state and counts where a value is not finite."""
+
+  def step(a, b, grad_a, grad_b, state, extra, counts: SliceCounts):
+    delta_a, delta_b, new_state = slice_update(a, b, grad_a, grad_b, state, extra,
+                                               counts.applied)
+    ok = _all_finite(a, b, grad_a, grad_b, extra, delta_a, delta_b, new_state)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    return (keep(delta_a, 0.0), keep(delta_b, 0.0), jax.tree.map(keep, new_state, state),
+            SliceCounts(keep(optax.safe_increment(counts.applied), counts.applied),
+                        keep(counts.skipped, optax.safe_increment(counts.skipped))))
+
+  return step
+
+
+def _solve_group(slice_update: SliceUpdate, group: list[Member], states: Mapping[str, PyTree],
+                 counts: Mapping[str, SliceCounts], extras: Mapping[str, PyTree]) -> Solved:
   """Every batch slice of same-shaped pairs with one ``vmap``, results per pair."""
   pairs = [member.pair for member in group]
   dtype = compute_dtype(*(x.dtype for x in group[0].inputs))
@@ -146,42 +220,45 @@ def _solve_group(slice_update: SliceUpdate, group: list[Member],
   joined = [jnp.concatenate([member.inputs[k].astype(dtype).reshape(-1, *slice_shapes[k])
                              for member in group]) for k in range(4)]
 
-  def join(trees: list[PyTree]) -> PyTree:
+  def join(trees: list[PyTree], as_dtype: bool = True) -> PyTree:
     flat = [jax.tree.map(lambda x, batch=len(pair.batch_shape):
-                         x.astype(dtype).reshape(-1, *x.shape[batch:]), tree)
+                         x.astype(dtype if as_dtype else x.dtype).reshape(-1, *x.shape[batch:]),
+                         tree)
             for tree, pair in zip(trees, pairs)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *flat)
 
-  out = jax.vmap(slice_update, in_axes=(0,) * 6 + (None,))(
+  out = jax.vmap(slice_update)(
       *joined, join([states[p.key] for p in pairs]), join([extras.get(p.key) for p in pairs]),
-      count)
+      join([counts[p.key] for p in pairs], as_dtype=False))
   sizes = [math.prod(pair.batch_shape) for pair in pairs]
   solved = {}
   for member, size, start in zip(group, sizes, itertools.accumulate([0, *sizes])):
-    delta_a, delta_b, state = jax.tree.map(
+    delta_a, delta_b, state, slice_counts = jax.tree.map(
         lambda x, start=start, size=size, batch=member.pair.batch_shape:
         x[start:start + size].reshape(*batch, *x.shape[1:]), out)
     grad_a, grad_b = member.inputs[2:]
     solved[member.pair.key] = (
         delta_a.reshape(grad_a.shape).astype(grad_a.dtype),
         delta_b.reshape(grad_b.shape).astype(grad_b.dtype),
-        jax.tree.map(lambda new, old: new.astype(old.dtype), state, states[member.pair.key]))
+        jax.tree.map(lambda new, old: new.astype(old.dtype), state, states[member.pair.key]),
+        slice_counts)
   return solved
 
 
 def _solve_chunk(slice_update: SliceUpdate, chunk: list[list[Member]],
-                 states: Mapping[str, PyTree], extras: Mapping[str, PyTree], count: Array
-                 ) -> Solved:
+                 states: Mapping[str, PyTree], counts: Mapping[str, SliceCounts],
+                 extras: Mapping[str, PyTree]) -> Solved:
   solved = {}
   for group in chunk:
-    solved.update(_solve_group(slice_update, group, states, extras, count))
+    solved.update(_solve_group(slice_update, group, states, counts, extras))
   return solved
 
 
-def _skip_chunk(chunk: list[list[Member]], states: Mapping[str, PyTree]) -> Solved:
+def _skip_chunk(chunk: list[list[Member]], states: Mapping[str, PyTree],
+                counts: Mapping[str, SliceCounts]) -> Solved:
   """:func:`_solve_chunk`'s shapes for the branch never taken: zero updates, states unchanged."""
-  return {member.pair.key: (jnp.zeros_like(member.inputs[2]),
-                            jnp.zeros_like(member.inputs[3]), states[member.pair.key])
+  return {member.pair.key: (jnp.zeros_like(member.inputs[2]), jnp.zeros_like(member.inputs[3]),
+                            states[member.pair.key], counts[member.pair.key])
           for group in chunk for member in group}
 
 
@@ -228,6 +305,7 @@ def pairwise_transformation(
         count=jnp.zeros([], jnp.int32),
         pairs={p.key: _pair_state(slice_init, p, _pair_dtype(leaves, p))
                for p in pairs.pairs},
+        counts={p.key: _zero_counts(p) for p in pairs.pairs},
         fallback=masked_fallback(pairs).init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -236,7 +314,7 @@ def pairwise_transformation(
                        "update(grads, state, params).")
     pairs = lora_pairs(params, pairing)
     check_updates(name, pairs, updates, params)
-    check_state(name, slice_init, pairs, state.pairs, params)
+    check_state(name, slice_init, pairs, state, params)
     extras = {} if pair_extras is None else pair_extras(pairs, extra_args)
     fallback_updates, new_fallback = masked_fallback(pairs).update(
         updates, state.fallback, params)
@@ -250,25 +328,27 @@ def pairwise_transformation(
       members.append(Member(pair, inputs, input_bytes(inputs, state.pairs[pair.key])))
     chunks = plan(layout, members, extras) if members else []
     # Traced once per slice shape instead of once per pair; XLA inlines the calls.
-    rule = jax.jit(slice_update)
+    rule = jax.jit(_skipping(slice_update))
     solved, done = {}, state.count.astype(jnp.float32)
     for chunk in chunks:
-      solve = functools.partial(_solve_chunk, rule, chunk, state.pairs, extras, state.count)
+      solve = functools.partial(_solve_chunk, rule, chunk, state.pairs, state.counts, extras)
       if len(chunks) == 1:
-        solved.update(solve())
+        # One solver call per stage for every role and layer (a chunk keeps its own).
+        solved.update(batch_solves(solve)())
         continue
       # XLA runs a conditional as a unit, and this predicate exists only once the
       # previous chunk's conditional has finished.
       out = jax.lax.cond(_true_after(done), solve,
-                         functools.partial(_skip_chunk, chunk, state.pairs))
+                         functools.partial(_skip_chunk, chunk, state.pairs, state.counts))
       done = next((x.ravel()[0].astype(jnp.float32) for x in jax.tree.leaves(out) if x.size),
                   done)
       solved.update(out)
-    new_pairs = {}
+    new_pairs, new_counts = {}, {}
     for pair in pairs.pairs:
-      delta_a, delta_b, new_pairs[pair.key] = solved[pair.key]
+      delta_a, delta_b, new_pairs[pair.key], new_counts[pair.key] = solved[pair.key]
       new_leaves[pair.a_index], new_leaves[pair.b_index] = delta_a, delta_b
     return jax.tree_util.tree_unflatten(treedef, new_leaves), PairwiseState(
-        count=optax.safe_increment(state.count), pairs=new_pairs, fallback=new_fallback)
+        count=optax.safe_increment(state.count), pairs=new_pairs, counts=new_counts,
+        fallback=new_fallback)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -22,23 +22,37 @@ in this order (``docs/derivation.md`` has the math):
 7. **unscale**;
 8. **control**: a gauge term that pulls ``AᵀA`` and ``BBᵀ`` towards balance
    without changing the W-step, and a bound on each factor's step RMS, so
-   that the learning rate controls how far each factor moves;
-9. where a result is not representable, skip the slice's step and keep its
-   state.
+   that the learning rate controls how far each factor moves.
+
+Where a result is not representable, or a hyperparameter given as an array
+(``optax.inject_hyperparams``) is out of range, the result is not finite, so
+the plumbing skips the slice's step, keeps its state and counts the skip.
 
 Everything is ``O((m + n) r²)`` products and ``r × r`` algebra; nothing
-``m × n`` is formed. Functions take one slice (no batch axes).
+``m × n`` is formed. Functions take one slice (no batch axes). Every product
+asks for float32 on every backend (``dot``).
+
+The ``r × r`` decompositions come in two stages, and the plumbing runs each
+stage as one solver call for every role and layer
+(:mod:`~adaprelora_jax.solver_batching`):
+
+* stage 1, from the Grams alone: the eigendecomposition of ``AᵀA`` and
+  ``BBᵀ`` (step 2's frames) and of the balancing matrix (step 8);
+* stage 2, from the metric: the Cholesky factorizations of the weighted
+  Grams ``P`` and ``Q`` (step 6).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import linalg
-from adaprelora_jax.base import Array, PairState
+from adaprelora_jax.base import Array, PairState, dot
 
 
 class Hyperparams(NamedTuple):
@@ -53,6 +67,38 @@ class Hyperparams(NamedTuple):
   clipping_threshold: float | Array | None
   balancing: float | Array | None
   factor_clipping: float | Array | None
+
+
+def _unit(v) -> Array:
+  return (v >= 0.0) & (v < 1.0)
+
+
+def _nonnegative(v) -> Array:
+  return jnp.isfinite(v) & (v >= 0.0)
+
+
+def _positive(v) -> Array:
+  return jnp.isfinite(v) & (v > 0.0)
+
+
+RANGES: dict[str, tuple[Callable[[Any], Array], str]] = {
+    "b1": (_unit, "in [0, 1)"), "b2": (_unit, "in [0, 1)"),
+    "decay_rate": (_nonnegative, "finite and >= 0"), "eps": (_nonnegative, "finite and >= 0"),
+    "damping": (_nonnegative, "finite and >= 0"), "lora_scale": (_positive, "finite and > 0"),
+    "clipping_threshold": (_positive, "finite and > 0"),
+    "balancing": (_nonnegative, "finite and >= 0"),
+    "factor_clipping": (_positive, "finite and > 0"),
+}
+"""Each hyperparameter's test (numbers or arrays) and its range in words."""
+
+OPTIONAL = frozenset({"b1", "b2", "clipping_threshold", "balancing", "factor_clipping"})
+"""The hyperparameters that ``None`` turns off."""
+
+
+def in_range(hp: Hyperparams) -> Array:
+  """Whether every hyperparameter is in range (numbers are checked at construction, arrays here)."""
+  return functools.reduce(jnp.logical_and, [RANGES[name][0](value) for name, value
+                                            in hp._asdict().items() if value is not None])
 
 
 class Slice(NamedTuple):
@@ -158,8 +204,8 @@ class Grams(NamedTuple):
 
 def _stacked_gram(x: Array, y: Array) -> Array:
   """``[x, y]ᵀ[x, y]`` for two ``(d, r)`` stacks, without concatenating them."""
-  xy = x.T @ y
-  return jnp.block([[x.T @ x, xy], [xy.T, y.T @ y]])
+  xy = dot(x.T, y)
+  return jnp.block([[dot(x.T, x), xy], [xy.T, dot(y.T, y)]])
 
 
 def grams(x: Slice) -> Grams:
@@ -188,9 +234,9 @@ def frames(g: Grams, damping: Array | float) -> Frames:
   # Both roots from one batched eigendecomposition: one solver call, not two.
   (root_a, root_b), (inv_a, inv_b) = linalg.damped_sqrt(jnp.stack([g.gram_a, g.gram_b]),
                                                         damping)
-  hat_a = inv_a @ g.gram_a @ inv_a.T  # ÂᵀÂ
-  hat_b = inv_b @ g.gram_b @ inv_b.T  # B̂B̂ᵀ
-  return Frames(root_a, root_b, inv_a, inv_b, to_y=inv_b.T @ hat_b, to_x=hat_a @ inv_a)
+  hat_a = dot(inv_a, g.gram_a, inv_a.T)  # ÂᵀÂ
+  hat_b = dot(inv_b, g.gram_b, inv_b.T)  # B̂B̂ᵀ
+  return Frames(root_a, root_b, inv_a, inv_b, to_y=dot(inv_b.T, hat_b), to_x=dot(hat_a, inv_a))
 
 
 # 3. Statistics -------------------------------------------------------------
@@ -198,7 +244,7 @@ def frames(g: Grams, damping: Array | float) -> Frames:
 
 def _row_quadratic_forms(x: Array, form: Array) -> Array:
   """``diag(x form xᵀ)`` for an ``(d, r)`` stack."""
-  return jnp.sum(x * (x @ form), axis=1)
+  return jnp.sum(x * dot(x, form), axis=1)
 
 
 def tangent_mean_squares(x: Slice, g: Grams, fr: Frames) -> tuple[Array, Array]:
@@ -212,17 +258,17 @@ def tangent_mean_squares(x: Slice, g: Grams, fr: Frames) -> tuple[Array, Array]:
   the Grams. The cross terms vanish for exact projections and are left out:
   under damping they are ``O(δ)``.
   """
-  z = fr.inv_a @ g.a_grad_a @ fr.to_y  # ÂᵀŶ
+  z = dot(fr.inv_a, g.a_grad_a, fr.to_y)  # ÂᵀŶ
   # S = U C V with U = [A, g_A], V = [B; g_B], C = [[b_on_a, g_on_a], [b_on_g, 0]].
-  b_on_a = -fr.inv_a.T @ z @ fr.inv_b
-  g_on_a = fr.inv_a.T @ fr.to_x
-  b_on_g = fr.to_y @ fr.inv_b
+  b_on_a = -dot(fr.inv_a.T, z, fr.inv_b)
+  g_on_a = dot(fr.inv_a.T, fr.to_x)
+  b_on_g = dot(fr.to_y, fr.inv_b)
   on_a = jnp.concatenate([b_on_a, g_on_a], axis=1)  # Â X̃ = A on_a V
   on_b = jnp.concatenate([b_on_a, b_on_g], axis=0)  # (Ŷ − Â ÂᵀŶ) B̂ = U on_b B
-  rows = (_row_quadratic_forms(x.a, on_a @ g.n @ on_a.T)
-          + _row_quadratic_forms(x.grad_a, b_on_g @ g.gram_b @ b_on_g.T))
-  cols = (_row_quadratic_forms(x.b.T, on_b.T @ g.m @ on_b)
-          + _row_quadratic_forms(x.grad_b.T, g_on_a.T @ g.gram_a @ g_on_a))
+  rows = (_row_quadratic_forms(x.a, dot(on_a, g.n, on_a.T))
+          + _row_quadratic_forms(x.grad_a, dot(b_on_g, g.gram_b, b_on_g.T)))
+  cols = (_row_quadratic_forms(x.b.T, dot(on_b.T, g.m, on_b))
+          + _row_quadratic_forms(x.grad_b.T, dot(g_on_a.T, g.gram_a, g_on_a)))
   # Sums of squares: clamp the quadratic forms' rounding error at 0.
   return jnp.maximum(rows, 0.0) / x.b.shape[1], jnp.maximum(cols, 0.0) / x.a.shape[0]
 
@@ -278,7 +324,7 @@ class FactorGradients(NamedTuple):
 
 def current_gradients(x: Slice, g: Grams, fr: Frames) -> FactorGradients:
   """This step's factor gradients, restricted to the tangent space (see :class:`Frames`)."""
-  return FactorGradients(x.grad_a, fr.to_y @ fr.root_b.T, x.grad_b, fr.root_a @ fr.to_x,
+  return FactorGradients(x.grad_a, dot(fr.to_y, fr.root_b.T), x.grad_b, dot(fr.root_a, fr.to_x),
                          g.a_grad_a)
 
 
@@ -295,10 +341,10 @@ def momentum(mu_a: Array, mu_b: Array, x: Slice, g: Grams, fr: Frames, b1: float
   Returns:
     The factor gradients for the solve and the new buffers ``(mu_a, mu_b)``.
   """
-  new_a = b1 * mu_a + (1.0 - b1) * x.grad_a @ fr.to_y
-  new_b = b1 * mu_b + (1.0 - b1) * fr.to_x @ x.grad_b
+  new_a = b1 * mu_a + (1.0 - b1) * dot(x.grad_a, fr.to_y)
+  new_b = b1 * mu_b + (1.0 - b1) * dot(fr.to_x, x.grad_b)
   debias = 1.0 - b1 ** (count + 1.0)
-  a_mean = (b1 * x.a.T @ mu_a + (1.0 - b1) * g.a_grad_a @ fr.to_y) / debias
+  a_mean = (b1 * dot(x.a.T, mu_a) + (1.0 - b1) * dot(g.a_grad_a, fr.to_y)) / debias
   return (FactorGradients(new_a / debias, fr.root_b.T, new_b / debias, fr.root_a, a_mean),
           new_a, new_b)
 
@@ -330,27 +376,27 @@ def solve(x: Slice, fg: FactorGradients, row: Array, col: Array, g: Grams, hp: H
   Update clipping scales the coefficients so that the W-step's RMS, read
   from ``r × r`` Grams of that form, is at most the threshold.
   """
-  inv_p, inv_q = linalg.damped_inverse(
-      jnp.stack([(x.a * row[:, None]).T @ x.a, (x.b * col[None, :]) @ x.b.T]), hp.damping)
-  cross = -0.5 * inv_p @ (fg.a_e_a @ fg.map_a) @ inv_q  # Y
-  lead_a, lead_b = fg.map_a @ inv_q, inv_p @ fg.map_b    # X, X'
+  inv_p, inv_q = linalg.cholesky_inverse(
+      jnp.stack([dot((x.a * row[:, None]).T, x.a), dot(x.b * col[None, :], x.b.T)]), hp.damping)
+  cross = -0.5 * dot(inv_p, dot(fg.a_e_a, fg.map_a), inv_q)  # Y
+  lead_a, lead_b = dot(fg.map_a, inv_q), dot(inv_p, fg.map_b)    # X, X'
   scaled_a, scaled_b = fg.e_a / row[:, None], fg.e_b / col[None, :]  # F, F'
   if hp.clipping_threshold is not None:
-    ft_a, ft_b = scaled_a.T @ x.a, scaled_b @ x.b.T  # FᵀA, F'Bᵀ
-    mixed_a = lead_a.T @ ft_a @ cross  # XᵀFᵀA Y, and its transpose, in dAᵀdA
-    mixed_b = lead_b @ ft_b @ cross.T
+    ft_a, ft_b = dot(scaled_a.T, x.a), dot(scaled_b, x.b.T)  # FᵀA, F'Bᵀ
+    mixed_a = dot(lead_a.T, ft_a, cross)  # XᵀFᵀA Y, and its transpose, in dAᵀdA
+    mixed_b = dot(lead_b, ft_b, cross.T)
     rms = w_step_rms_from_grams(
         g.gram_a, g.gram_b,
-        da_da=(lead_a.T @ (scaled_a.T @ scaled_a) @ lead_a + mixed_a + mixed_a.T
-               + cross.T @ g.gram_a @ cross),
-        da_a=lead_a.T @ ft_a + cross.T @ g.gram_a,
-        db_db=(lead_b @ (scaled_b @ scaled_b.T) @ lead_b.T + mixed_b + mixed_b.T
-               + cross @ g.gram_b @ cross.T),
-        db_b=lead_b @ ft_b + cross @ g.gram_b,
+        da_da=(dot(lead_a.T, dot(scaled_a.T, scaled_a), lead_a) + mixed_a + mixed_a.T
+               + dot(cross.T, g.gram_a, cross)),
+        da_a=dot(lead_a.T, ft_a) + dot(cross.T, g.gram_a),
+        db_db=(dot(lead_b, dot(scaled_b, scaled_b.T), lead_b.T) + mixed_b + mixed_b.T
+               + dot(cross, g.gram_b, cross.T)),
+        db_b=dot(lead_b, ft_b) + dot(cross, g.gram_b),
         m=x.a.shape[0], n=x.b.shape[1])
     shrink = 1.0 / jnp.maximum(1.0, rms / hp.clipping_threshold)
     lead_a, lead_b, cross = lead_a * shrink, lead_b * shrink, cross * shrink
-  return scaled_a @ lead_a + x.a @ cross, lead_b @ scaled_b + cross @ x.b
+  return dot(scaled_a, lead_a) + dot(x.a, cross), dot(lead_b, scaled_b) + dot(cross, x.b)
 
 
 # 8. Control ---------------------------------------------------------------
@@ -369,7 +415,7 @@ def balancing_gauge(g: Grams, e: Exponents, rate: float | Array) -> Array:
   gram_a, gram_b = times_pow2(g.gram_a, 2 * (e.a - top)), times_pow2(g.gram_b, 2 * (e.b - top))
   total = gram_a + gram_b
   t = jnp.trace(total) / total.shape[-1] + jnp.finfo(total.dtype).tiny
-  return rate * linalg.damped_inverse(total / t, 1e-6) @ ((gram_a - gram_b) / t)
+  return rate * dot(linalg.damped_inverse(total / t, 1e-6), (gram_a - gram_b) / t)
 
 
 def _rms(x: Array) -> Array:
@@ -386,10 +432,6 @@ def clip_factor(delta: Array, threshold: float | Array) -> Array:
 
 
 # The whole rule ------------------------------------------------------------
-
-
-def _all_finite(*trees) -> Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
 def update(hp: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array, Array] | None,
@@ -430,13 +472,11 @@ def update(hp: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array, Ar
   delta_b = times_pow2(delta_b, -e.a) / hp.lora_scale
   if hp.balancing is not None:
     omega = balancing_gauge(gr, e, hp.balancing)
-    delta_a = delta_a + times_pow2(x.a @ omega, e.a)
-    delta_b = delta_b - times_pow2(omega @ x.b, e.b)
+    delta_a = delta_a + times_pow2(dot(x.a, omega), e.a)
+    delta_b = delta_b - times_pow2(dot(omega, x.b), e.b)
   if hp.factor_clipping is not None:
     delta_a = clip_factor(delta_a, hp.factor_clipping)
     delta_b = clip_factor(delta_b, hp.factor_clipping)
-  new_state = PairState(v_row, v_col, mu_a, mu_b)
-  finite = _all_finite(delta_a, delta_b, new_state)
-  keep = lambda new, old: jnp.where(finite, new, old)
-  return (keep(delta_a, jnp.zeros_like(delta_a)), keep(delta_b, jnp.zeros_like(delta_b)),
-          jax.tree.map(keep, new_state, state))
+  # An out-of-range traced hyperparameter makes the step not finite: skipped and counted.
+  delta_a = jnp.where(in_range(hp), delta_a, jnp.nan)
+  return delta_a, delta_b, PairState(v_row, v_col, mu_a, mu_b)

@@ -13,6 +13,7 @@ state leaf                          sharded like
 ``v_col (*batch, n)``               ``B``'s batch axes, then ``B``'s out axes
 ``mu_a (*batch, m, r)``             ``A``, in axes flattened
 ``mu_b (*batch, r, n)``             ``B``, out axes flattened
+``counts`` ``(*batch,)``              the batch axes both factors agree on
 ``count``, scalars                  replicated
 fallback buffers (Adam ``mu/nu``)   the parameter they mirror
 ==================================  =============================================
@@ -139,7 +140,7 @@ def state_shardings(
     return make(())
 
   def pair_node(node_names: tuple[str, ...], node: Any) -> Any:
-    per_pair = {}
+    per_pair, per_pair_counts = {}, {}
     for key, pair_state in node.pairs.items():
       if key not in pairs:
         raise ValueError(
@@ -154,7 +155,8 @@ def state_shardings(
             "after the batch axes ('m', 'n' or 'r').")
       axes = _PairAxes(pair, specs[pair.a_index], specs[pair.b_index])
       per_pair[key] = axes.shardings(pair_state, make)
-    return node._replace(count=make(()), pairs=per_pair,
+      per_pair_counts[key] = axes.shardings(node.counts[key], make)
+    return node._replace(count=make(()), pairs=per_pair, counts=per_pair_counts,
                          fallback=walk(node.fallback, (*node_names, "fallback")))
 
   def walk(tree: PyTree, prefix: tuple[str, ...]) -> PyTree:

@@ -27,20 +27,13 @@ ScaleByAdaPreLoRAState = PairwiseState
 
 def _check_hyperparams(**values: Any) -> None:
   """Raises a ``TypeError`` or ``ValueError`` naming the first non-float or out-of-range value."""
-  unit = (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
-  nonnegative = (lambda v: np.isfinite(v) and v >= 0.0, "a finite float >= 0")
-  positive = (lambda v: np.isfinite(v) and v > 0.0, "a finite float > 0")
-  checks = {"b1": unit, "b2": unit, "decay_rate": nonnegative, "eps": nonnegative,
-            "damping": nonnegative, "lora_scale": positive, "clipping_threshold": positive,
-            "balancing": nonnegative, "factor_clipping": positive}
-  optional = {"b1", "b2", "clipping_threshold", "balancing", "factor_clipping"}
   for name, value in values.items():
-    if value is None and name in optional:
+    if value is None and name in rule.OPTIONAL:
       continue
-    valid, expected = checks[name]
-    expected += " or None" if name in optional else ""
-    # Arrays may be traced (under inject_hyperparams): only their type is checked here.
-    if is_number("scale_by_adaprelora", name, value, expected) and not valid(value):
+    valid, expected = rule.RANGES[name]
+    expected = f"a float {expected}" + (" or None" if name in rule.OPTIONAL else "")
+    # Arrays may be traced (under inject_hyperparams): the rule skips and counts those.
+    if is_number("scale_by_adaprelora", name, value, expected) and not bool(valid(value)):
       raise ValueError(f"scale_by_adaprelora: {name}={value!r}; expected {expected}.")
 
 

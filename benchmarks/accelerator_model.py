@@ -21,22 +21,30 @@ three ways:
   not parameters, tuples, constants or bitcasts). XLA's GPU compiler fuses
   differently from its CPU compiler, and no GPU-optimized module can be
   built without a GPU, so this count is a proxy, not the GPU's count;
-* **solver calls**: the ``eigh`` (and other decomposition) equations of the
-  step's jaxpr, once per call site, with each one's batch and matrix size.
-  Each is one ``custom_call`` on every platform (``cusolver_syevd_ffi`` on
-  CUDA, XLA's ``Eigh`` on TPU; ``tests/test_lowering.py``).
+* **solver calls**: the ``eigh``, ``cholesky`` and ``triangular_solve``
+  equations of the step's jaxpr, once per call site, with each one's batch
+  and matrix size. The plumbing merges each stage's decompositions of every
+  role and layer into one call (``tests/test_solver_calls.py`` counts them in
+  the lowered CUDA and TPU programs).
 
 The predicted time per chip is a roofline plus fixed costs::
 
-  t = max(flops / PEAK_FLOPS, bytes / HBM_BANDWIDTH)
-      + kernels × LAUNCH + Σ_calls SOLVER(batch, n)
+  t = max((flops − dot_flops) / PEAK_FLOPS + dot_flops / DOT_FLOPS[precision],
+          bytes / HBM_BANDWIDTH)
+      + kernels × LAUNCH + Σ_calls SOLVER[primitive](batch, n)
+
+``dot_flops`` are the step's ``dot_general`` flops, read from its jaxpr. Every
+product of the update asks for ``HIGHEST`` (``docs/derivation.md``,
+precision), so they run at the chip's float32 matmul rate; the table also
+gives their time at the ``DEFAULT`` rate (TF32, one bfloat16 pass) that the
+library does not use, which is what ``HIGHEST`` costs.
 
 Assumed figures (each is a named field of :data:`CHIPS`):
 
-* H100 SXM: HBM3 bandwidth 3.35 TB/s and FP32 (non-tensor-core) peak
-  67 TFLOP/s, from NVIDIA's H100 Tensor Core GPU datasheet
-  (nvidia.com/en-us/data-center/h100). float32 is the update's precision; its
-  skinny products are memory-bound at either peak.
+* H100 SXM: HBM3 bandwidth 3.35 TB/s, FP32 (non-tensor-core) peak
+  67 TFLOP/s, the rate of a ``HIGHEST`` float32 matmul, and TF32 tensor-core
+  peak 494.7 TFLOP/s dense (989.4 with sparsity), the ``DEFAULT`` rate, from
+  NVIDIA's H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100).
 * Kernel launch: 4 µs per kernel, the order of launch overhead measured for
   back-to-back small kernels without CUDA graphs (NVIDIA Technical Blog,
   "Getting Started with CUDA Graphs", 2019: a few µs per kernel, about 1 µs
@@ -52,8 +60,9 @@ Assumed figures (each is a named field of :data:`CHIPS`):
   bound the in-program cost from above; ``syevBatched`` may be faster at
   ``n = 64`` (no figure published).
 * TPU v5e: HBM2 bandwidth 819 GB/s and bf16 peak 197 TFLOP/s, from Google
-  Cloud's "TPU v5e" page (cloud.google.com/tpu/docs/v5e). float32 matmuls
-  run at a fraction of the bf16 peak; the update is memory-bound either way.
+  Cloud's "TPU v5e" page (cloud.google.com/tpu/docs/v5e). A ``DEFAULT``
+  float32 matmul is one bfloat16 pass, a ``HIGHEST`` one six (JAX's
+  ``lax.Precision`` documentation), so it runs at 197/6 TFLOP/s.
 * TPU per-op cost: 1 µs per fused op (an assumption: a TPU runs the whole
   program from device memory with no host launch per op; no public per-op
   figure was found).
@@ -62,6 +71,10 @@ Assumed figures (each is a named field of :data:`CHIPS`):
   rotations, assumed here 10 ops per round and 8 sweeps to converge in
   float32, so ``80 (n − 1)`` dependent ops per call at the per-op cost,
   whatever the batch (the batch runs in the vector units side by side).
+* Cholesky and triangular solves (an assumption, no published figure for
+  batched ``n <= 64``): on the GPU one ``potrf``/``trsm`` launch sequence of
+  3 kernels; on the TPU, XLA's column-by-column expansion, ``n`` dependent
+  ops per call.
 
 Everything here is a prediction with the figures above; ``benchmarks/
 device_check.sh`` measures the GPU side when a GPU is available.
@@ -92,28 +105,36 @@ class Chip:
   hbm_bytes_per_s: float
   peak_flops_per_s: float
   launch_s: float  # fixed cost of one kernel (GPU) or one fused op (TPU)
-  solver: Callable[[int, int], float]  # (batch, n) -> seconds of one eigh call
+  solver: Callable[[str, int, int], float]  # (primitive, batch, n) -> seconds of one call
+  highest_dot_flops_per_s: float  # float32 matmuls at precision HIGHEST
+  default_dot_flops_per_s: float  # float32 matmuls at precision DEFAULT
 
 
-def _cusolver_eigh_s(batch: int, n: int) -> float:
-  """One ``cusolver_syevd_ffi`` call, from the measurements of jax-ml/jax#31368."""
+GPU_LAUNCH_S = 4e-6
+TPU_LAUNCH_S = 1e-6
+
+
+def _cusolver_s(primitive: str, batch: int, n: int) -> float:
+  """One cuSOLVER call: ``eigh`` from the measurements of jax-ml/jax#31368, others 3 launches."""
+  if primitive != "eigh":
+    return 3 * GPU_LAUNCH_S
   if n <= 32:
     return 0.25e-3
   return (0.52 + 0.067 * (batch - 1)) * 1e-3  # the n = 64 row, used for every n > 32
 
 
-TPU_LAUNCH_S = 1e-6
-
-
-def _tpu_eigh_s(batch: int, n: int) -> float:
-  """XLA's Jacobi ``Eigh``: 8 sweeps of ``n - 1`` rounds of 10 ops, batch in parallel."""
+def _tpu_solver_s(primitive: str, batch: int, n: int) -> float:
+  """XLA's Jacobi ``Eigh`` (8 sweeps of ``n - 1`` rounds of 10 ops), or ``n`` ops; batch in parallel."""
   del batch
-  return 8 * (n - 1) * 10 * TPU_LAUNCH_S
+  ops = 8 * (n - 1) * 10 if primitive == "eigh" else n
+  return ops * TPU_LAUNCH_S
 
 
 CHIPS = {
-    "h100": Chip("H100 SXM-class GPU", 3.35e12, 67e12, 4e-6, _cusolver_eigh_s),
-    "tpu_v5e": Chip("TPU v5e-class chip", 819e9, 197e12, TPU_LAUNCH_S, _tpu_eigh_s),
+    "h100": Chip("H100 SXM-class GPU", 3.35e12, 67e12, GPU_LAUNCH_S, _cusolver_s,
+                 highest_dot_flops_per_s=67e12, default_dot_flops_per_s=494.7e12),
+    "tpu_v5e": Chip("TPU v5e-class chip", 819e9, 197e12, TPU_LAUNCH_S, _tpu_solver_s,
+                    highest_dot_flops_per_s=197e12 / 6, default_dot_flops_per_s=197e12),
 }
 
 OPTIMIZERS = {
@@ -194,6 +215,23 @@ def solver_calls(traced) -> list[tuple[str, int, int]]:
   return calls
 
 
+def dot_flops(traced) -> float:
+  """Flops of the step's ``dot_general`` equations (``2 · out · contracted``), once per call site."""
+  total = 0.0
+  for eqn in _equations(traced.jaxpr.jaxpr):
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      size = 1
+      for d in contract:
+        size *= lhs[d]
+      out = 1
+      for d in eqn.outvars[0].aval.shape:
+        out *= d
+      total += 2.0 * out * size
+  return total
+
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX
@@ -206,38 +244,22 @@ def analyse(name: str, layers: int, rank: int) -> dict:
   traced = trace_step(OPTIMIZERS[name](), abstract_params(layers, rank))
   compiled = traced.lower(lowering_platforms=("cpu",)).compile()
   kernels, opcodes = kernel_count(compiled.as_text())
-  return {**_cost(compiled), "kernels": kernels, "opcodes": dict(opcodes.most_common(8)),
-          "solver_calls": solver_calls(traced)}
+  return {**_cost(compiled), "dot_flops": dot_flops(traced), "kernels": kernels,
+          "opcodes": dict(opcodes.most_common(8)), "solver_calls": solver_calls(traced)}
 
 
 def predict(program: dict, chip: Chip) -> dict:
   """Seconds of one update on ``chip``, split into the model's terms."""
-  roofline = max(program["flops"] / chip.peak_flops_per_s,
-                 program["bytes"] / chip.hbm_bytes_per_s)
+  dots = program.get("dot_flops", 0.0)
+  compute = ((program["flops"] - dots) / chip.peak_flops_per_s
+             + dots / chip.highest_dot_flops_per_s)
+  roofline = max(compute, program["bytes"] / chip.hbm_bytes_per_s)
   launches = program["kernels"] * chip.launch_s
-  solvers = sum(chip.solver(b, n) for _, b, n in program["solver_calls"])
+  solvers = sum(chip.solver(p, b, n) for p, b, n in program["solver_calls"])
   return {"roofline_s": roofline, "launch_s": launches, "solver_s": solvers,
-          "total_s": roofline + launches + solvers}
-
-
-SOLVE_STAGES = 2  # dependent eigh stages: the factor Grams (roots, balancing), then the weighted Grams
-
-
-def with_batched_solves(program: dict) -> dict:
-  """``program`` with its eigendecompositions of one size merged into one call per stage.
-
-  What-if for a library change: the ``r × r`` matrices of every role solved by
-  ``SOLVE_STAGES`` batched calls instead of one call per role and stage.
-  """
-  calls = program["solver_calls"]
-  if not calls:
-    return program
-  by_n = Counter()
-  for _, batch, n in calls:
-    by_n[n] += batch
-  merged = [("eigh", total // SOLVE_STAGES + (k < total % SOLVE_STAGES), n)
-            for n, total in by_n.items() for k in range(SOLVE_STAGES)]
-  return {**program, "solver_calls": merged}
+          "total_s": roofline + launches + solvers,
+          "dots_highest_s": dots / chip.highest_dot_flops_per_s,
+          "dots_default_s": dots / chip.default_dot_flops_per_s}
 
 
 def model(names: list[str], layer_counts: list[int], ranks: list[int]) -> dict:
@@ -246,8 +268,6 @@ def model(names: list[str], layer_counts: list[int], ranks: list[int]) -> dict:
   for layers in layer_counts:
     for rank in ranks:
       programs = {n: analyse(n, layers, rank) for n in names}
-      programs |= {f"{n} (solves batched)": with_batched_solves(programs[n])
-                   for n in names if programs[n]["solver_calls"]}
       row = {}
       for chip_key, chip in CHIPS.items():
         times = {n: predict(p, chip) for n, p in programs.items()}
@@ -262,14 +282,15 @@ def model(names: list[str], layer_counts: list[int], ranks: list[int]) -> dict:
 def _table(entry: dict) -> str:
   lines = [f"\n{entry['layers']} layers, r = {entry['rank']} (model, not a measurement)",
            "| optimizer | chip | MFLOP | MiB moved | kernels | solver calls | roofline ms"
-           " | launch ms | solver ms | total ms | / AdamW |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           " | dots ms HIGHEST (DEFAULT) | launch ms | solver ms | total ms | / AdamW |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for chip_key, times in entry["predicted"].items():
     for name, t in times.items():
       p = entry["programs"][name]
       lines.append(
           f"| {name} | {chip_key} | {p['flops'] / 1e6:.0f} | {p['bytes'] / 2**20:.0f} | "
           f"{p['kernels']} | {len(p['solver_calls'])} | {t['roofline_s'] * 1e3:.2f} | "
+          f"{t['dots_highest_s'] * 1e3:.3f} ({t['dots_default_s'] * 1e3:.3f}) | "
           f"{t['launch_s'] * 1e3:.2f} | {t['solver_s'] * 1e3:.2f} | {t['total_s'] * 1e3:.2f} | "
           f"{t['ratio']:.2f} |")
   return "\n".join(lines)

@@ -34,3 +34,37 @@ def test_sylvester_solves_the_damped_equation():
 def test_zero_gram_has_a_zero_pseudo_inverse():
   inv = linalg.damped_inverse(jnp.zeros((3, 3)), 1e-6)
   np.testing.assert_array_equal(inv, np.zeros((3, 3)))
+
+
+def _gram(rng, rows, rank, condition=1.0):
+  u = np.linalg.qr(rng.normal(size=(rows, rank)))[0]
+  x = u * np.geomspace(1.0, 1.0 / condition, rank)
+  return jnp.asarray(x.T @ x, jnp.float32)
+
+
+def test_cholesky_inverse_equals_the_eigendecomposition_at_the_rule_damping():
+  """Well-conditioned, ill-conditioned and rounded rank-deficient Grams, batched."""
+  rng = np.random.default_rng(2)
+  rank_one = rng.normal(size=(64, 1)) @ rng.normal(size=(1, 8))
+  grams = jnp.stack([_gram(rng, 64, 8), _gram(rng, 64, 8, 1e3), _gram(rng, 64, 8, 1e6),
+                     jnp.asarray(rank_one.T @ rank_one, jnp.float32)])
+  by_eigh = linalg.damped_inverse(grams, 1e-4)
+  by_cholesky = linalg.cholesky_inverse(grams, 1e-4)
+  for eig, chol in zip(by_eigh, by_cholesky):
+    np.testing.assert_allclose(chol, eig, atol=2e-3 * float(jnp.abs(eig).max()))
+
+
+def test_cholesky_inverse_of_a_zero_gram_is_zero():
+  np.testing.assert_array_equal(linalg.cholesky_inverse(jnp.zeros((2, 3, 3)), 1e-4), 0.0)
+
+
+def test_cholesky_inverse_escalates_the_shift_where_the_factorization_fails():
+  """Only the matrix whose factor is not finite takes the larger shift."""
+  bad = jnp.diag(jnp.asarray([1.0, 1.0, -1e-4]))  # indefinite by more than δ
+  good = jnp.diag(jnp.asarray([1.0, 2.0, 3.0]))
+  inv = linalg.cholesky_inverse(jnp.stack([bad, good]), 1e-4)
+  delta = 1e-4 * 1.9999 / 3 + np.sqrt(np.finfo(np.float32).tiny)
+  escalated = np.diag(1.0 / (np.array([1.0, 1.0, -1e-4]) + delta + 1e-3 * 1.9999 / 3))
+  np.testing.assert_allclose(inv[0], escalated, rtol=1e-4)
+  np.testing.assert_allclose(inv[1], np.diag(1.0 / (np.array([1.0, 2.0, 3.0]) + 1e-4 * 2)),
+                             rtol=1e-5)

@@ -43,6 +43,9 @@ def _expected_adaprelora(prefix, momentum=True):
   want = {f"{prefix}.count": P(), f"{prefix}.fallback.inner_state.count": P()}
   for key, specs in PAIRS.items():
     want.update({f"{prefix}.pairs['{key}'].{f}": s for f, s in zip(fields, specs)})
+    # Per-slice step counts follow the batch (layer) axis, sharded on 'data' for the stack.
+    batch = P("data") if key == "layers/mlp" else P()
+    want.update({f"{prefix}.counts['{key}'].{f}": batch for f in ("applied", "skipped")})
   for moment in ("mu", "nu"):
     want[f"{prefix}.fallback.inner_state.{moment}['head']['bias']"] = P("model")
     want[f"{prefix}.fallback.inner_state.{moment}['head']['kernel']"] = P(None, "model")

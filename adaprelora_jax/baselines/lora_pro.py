@@ -29,7 +29,7 @@ from typing import Literal
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax.base import Array, vectorized
+from adaprelora_jax.base import Array, dot, vectorized
 from adaprelora_jax.baselines.factor_adam import FactorMoments, adam_step
 from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax.checks import check_floats
@@ -46,19 +46,19 @@ def _adjust(a, b, grad_a, grad_b, *, scale, damping, gauge: bool = True):
   With ``gauge=False`` the Sylvester solve is skipped (``X = 0``), which
   leaves the equivalent gradient unchanged.
   """
-  eig_p = damped_eigh(a.T @ a, damping)
-  eig_q = damped_eigh(b @ b.T, damping)
+  eig_p = damped_eigh(dot(a.T, a), damping)
+  eig_q = damped_eigh(dot(b, b.T), damping)
   inv_p, inv_q = inverse(eig_p), inverse(eig_q)
   inv_s2 = 1.0 / (scale * scale)
-  grad_a_q = grad_a @ inv_q                       # g_A Q⁻¹
-  grad_b_p = inv_s2 * (inv_p @ grad_b)            # s⁻² P⁻¹ g_B
+  grad_a_q = dot(grad_a, inv_q)                   # g_A Q⁻¹
+  grad_b_p = inv_s2 * dot(inv_p, grad_b)         # s⁻² P⁻¹ g_B
   # (I − A P⁻¹ Aᵀ) g_A Q⁻¹ − A X, with one (m, r) @ (r, r) product for A.
-  coef_a = inv_s2 * (inv_p @ (a.T @ grad_a) @ inv_q)
+  coef_a = inv_s2 * dot(inv_p, dot(a.T, grad_a), inv_q)
   adj_b = grad_b_p
   if gauge:
-    x = sylvester(eig_p, eig_q, -grad_b_p @ b.T)
-    coef_a, adj_b = coef_a + x, adj_b + x @ b
-  return inv_s2 * grad_a_q - a @ coef_a, adj_b
+    x = sylvester(eig_p, eig_q, -dot(grad_b_p, b.T))
+    coef_a, adj_b = coef_a + x, adj_b + dot(x, b)
+  return inv_s2 * grad_a_q - dot(a, coef_a), adj_b
 
 
 def lora_pro_gradients(
@@ -207,10 +207,10 @@ def scale_by_lora_pro(
       return delta_a, delta_b, state
     # The gauge X does not change the equivalent gradient: skip its solve.
     adj_a, adj_b = adjust(a, b, grad_a, grad_b, gauge=False)
-    equivalent = lora_scale * (adj_a @ b + a @ adj_b)
+    equivalent = lora_scale * (dot(adj_a, b) + dot(a, adj_b))
     direction, state = adam_step(equivalent, state, count, adam)
-    delta_a, delta_b = adjust(a, b, lora_scale * direction @ b.T,
-                              lora_scale * a.T @ direction)
+    delta_a, delta_b = adjust(a, b, lora_scale * dot(direction, b.T),
+                              lora_scale * dot(a.T, direction))
     return delta_a, delta_b, state
 
   return pairwise_transformation(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import linalg
-from adaprelora_jax.base import Array
+from adaprelora_jax.base import Array, dot
 from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax.checks import check_floats
 from adaprelora_jax.pairing import PairingRule
@@ -156,27 +156,27 @@ def scale_by_lora_rite(
 
   def factor_step(grad, mu, nu, escaped, frame, old_frame, inverse, count):
     """A factor, tall ``(d, r)``; its partner (``r × k``) is ``inverse⁻¹ frame``."""
-    unmagnified = grad @ inverse.T
-    move = frame @ old_frame.T
-    moved = move @ nu @ move.T
+    unmagnified = dot(grad, inverse.T)
+    move = dot(frame, old_frame.T)
+    moved = dot(move, nu, move.T)
     if escaped_mass:
       escaped = b2 * (escaped + _escaped_mass(nu, moved))
-    nu = b2 * moved + (1.0 - b2) * unmagnified.T @ unmagnified / grad.shape[0]
+    nu = b2 * moved + (1.0 - b2) * dot(unmagnified.T, unmagnified) / grad.shape[0]
     steps = optax.safe_increment(count)
     second = optax.tree_utils.tree_bias_correction(
         nu + escaped * jnp.eye(nu.shape[0], dtype=nu.dtype), b2, steps)
-    mu = b1 * mu @ move.T + (1.0 - b1) * unmagnified @ linalg.inverse_root(second, eps)
+    mu = b1 * dot(mu, move.T) + (1.0 - b1) * dot(unmagnified, linalg.inverse_root(second, eps))
     direction = optax.tree_utils.tree_bias_correction(mu, b1, steps)
     if clipping_threshold is not None:
       direction = direction / jnp.maximum(1.0, _rms(direction) / clipping_threshold)
-    return direction @ inverse, mu, nu, escaped
+    return dot(direction, inverse), mu, nu, escaped
 
   def slice_update(a, b, grad_a, grad_b, state: LoRARITEState, extra, count):
     """``A`` in ``B``'s row frame, ``B`` (transposed) in ``A``'s column frame."""
     del extra
-    _, inv_a = linalg.damped_sqrt(a.T @ a, damping)
-    _, inv_b = linalg.damped_sqrt(b @ b.T, damping)
-    frame_a, frame_b = a @ inv_a.T, inv_b @ b
+    _, inv_a = linalg.damped_sqrt(dot(a.T, a), damping)
+    _, inv_b = linalg.damped_sqrt(dot(b, b.T), damping)
+    frame_a, frame_b = dot(a, inv_a.T), dot(inv_b, b)
     delta_a, mu_a, nu_a, escaped_a = factor_step(
         grad_a, state.mu_a, state.nu_a, state.escaped_a, frame_b,
         state.basis_b, inv_b, count)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from adaprelora_jax.base import Array
+from adaprelora_jax.base import Array, dot
 from adaprelora_jax.baselines.factor_adam import adam_slice_rule
 from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax.checks import check_floats
@@ -16,8 +16,8 @@ from adaprelora_jax.pairwise import pairwise_transformation
 def scaled_gradients(a: Array, b: Array, grad_a: Array, grad_b: Array,
                      damping: float | Array) -> tuple[Array, Array]:
   """``(g_A (BBᵀ + δ)⁻¹, (AᵀA + δ)⁻¹ g_B)`` for one ``(m,r)``/``(r,n)`` slice."""
-  return (grad_a @ damped_inverse(b @ b.T, damping),
-          damped_inverse(a.T @ a, damping) @ grad_b)
+  return (dot(grad_a, damped_inverse(dot(b, b.T), damping)),
+          dot(damped_inverse(dot(a.T, a), damping), grad_b))
 
 
 def scale_by_scaled_gd(
