@@ -107,38 +107,3 @@ def test_solver_calls_are_the_platforms_own():
     assert target in custom_calls(traced.lower(lowering_platforms=(platform,)))
     for other in PLATFORMS:
       assert (other == platform) == bool(re.fullmatch(ALLOWED[other], target))
-
-
-# benchmarks/accelerator_model.py reads the same programs; its counting is checked here.
-
-def test_model_counts_each_solver_call_site_once():
-  """The jaxpr walk finds every eigh the compiled program runs (the lowered module
-  holds one body per jitted function, however many call sites it has)."""
-  from benchmarks import accelerator_model as am
-
-  traced = trace_step(*CASES["adaprelora_b1"])
-  calls = am.solver_calls(traced)
-  compiled = traced.lower(lowering_platforms=("cpu",)).compile().as_text()
-  assert calls and {c[0] for c in calls} == {"eigh"}
-  assert len(calls) == len(re.findall(r"custom-call\(.*custom_call_target=\"lapack_ssyevd", compiled))
-  merged = am.with_batched_solves({"solver_calls": calls})["solver_calls"]
-  assert len(merged) == am.SOLVE_STAGES * len({n for _, _, n in calls})
-  assert sum(b for _, b, _ in merged) == sum(b for _, b, _ in calls)
-
-
-def test_model_kernels_and_terms():
-  from benchmarks import accelerator_model as am
-
-  def kernels(f, *shapes):
-    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    return am.kernel_count(jax.jit(f).lower(*args).compile().as_text())[0]
-
-  elementwise = kernels(lambda x: jnp.tanh(2 * x + 1), (64, 64))
-  assert elementwise == 1  # one fusion; its body's ops are not kernels
-  assert kernels(lambda x, y: jnp.tanh(x @ y) @ y, (64, 64), (64, 64)) >= 2
-  chip = am.Chip("toy", hbm_bytes_per_s=1e9, peak_flops_per_s=1e12, launch_s=1e-6,
-                 solver=lambda batch, n: 1e-3 * batch)
-  program = {"flops": 2e9, "bytes": 1e6, "kernels": 10, "solver_calls": [("eigh", 3, 4)]}
-  t = am.predict(program, chip)
-  assert t["roofline_s"] == pytest.approx(2e-3)  # compute-bound: 2e9 / 1e12
-  assert t["total_s"] == pytest.approx(2e-3 + 10e-6 + 3e-3)

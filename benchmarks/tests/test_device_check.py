@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "benchmarks" / "device_check.sh"
+SCRIPT = pathlib.Path(__file__).parent.parent / "device_check.sh"
 STEPS = ["update_cost", "model_r4", "scan_tests", "full_stats_cost", "finetune"]
 
 
