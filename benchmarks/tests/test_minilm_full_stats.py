@@ -37,38 +37,3 @@ def test_probes_leave_outputs_alone_and_carry_the_kernel_gradient_statistics():
       nnx.to_pure_dict(lora_grads),
       nnx.to_pure_dict(plain_grads),
   )
-
-
-def test_finetune_runs_adaprelora_on_the_probes_statistics(monkeypatch):
-  """``adaprelora_full`` trains with probes, and its optimizer is fed their statistics."""
-  from benchmarks import finetune
-
-  seen = []
-  make = finetune.OPTIMIZERS["adaprelora_full"]
-
-  def spy(schedule):
-    tx = make(schedule)
-
-    def update(grads, state, params=None, **extra):
-      seen.append(sorted(split_weight_stats(grads)[1]))
-      return tx.update(grads, state, params, **extra)
-
-    return tx._replace(update=update)
-
-  assert finetune.train_mode("adaprelora_full") == "lora_stats"
-  result = finetune.run(
-      "adaprelora_full",
-      spy,
-      3e-3,
-      0,
-      steps=2,
-      batch=4,
-      train="lora_stats",
-      eval_examples=16,
-      eval_every=2,
-      progress=False,
-  )
-  assert result["finite"] and len(result["losses"]) == 2
-  assert seen and seen[0] == [
-      f"encoder/layers/{i}/{p}/lora" for i in range(6) for p in ("query", "value")
-  ]
