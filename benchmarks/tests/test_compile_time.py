@@ -1,5 +1,7 @@
 """benchmarks/compile_time.py: the update's compile time against the number of layers."""
 
+import pytest
+
 from benchmarks import compile_time
 
 
@@ -8,6 +10,7 @@ def _compile_cpu_seconds(layers, layout):
   return compile_time.compile_seconds("adaprelora", layers, layout)["compile_cpu"]
 
 
+@pytest.mark.slow  # compiles the update for up to 32 unscanned layers
 def test_compile_time_flat_in_stacked_layers_at_most_linear_in_unscanned_layers():
   """Stacked: independent of L. Unscanned: at most linear with 50 % slack.
 

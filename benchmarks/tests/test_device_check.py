@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).parent.parent / "device_check.sh"
 STEPS = ["update_cost", "model_r4", "scan_tests", "full_stats_cost", "finetune"]
 
@@ -22,6 +24,7 @@ def _run(out, *, limit=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # runs every step of the script (tiny sizes), each in its own process
 def test_smoke_run_writes_every_check(tmp_path):
   run = _run(tmp_path)
   assert run.returncode == 0, run.stdout + run.stderr
