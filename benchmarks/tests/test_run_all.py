@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from benchmarks import run_all, sweep, tasks
+import dataclasses
+import json
+import shutil
+
+from benchmarks import report, run_all, sweep, tasks
 from benchmarks.family import GRID
 
 
@@ -39,3 +43,24 @@ def test_dry_run_prints_every_command(capsys):
   run_all.main(["--dry-run"])
   printed = capsys.readouterr().out
   assert printed.count("$ -m benchmarks.") == len(run_all.ENTRIES)
+
+
+def test_every_sweep_file_holds_exactly_its_entrys_protocol(tmp_path, monkeypatch):
+  """Resuming each sweep entry from its committed file trains nothing: the file has every run the
+  protocol asks for, with the settings it asks for."""
+
+  def untrained(*args, **kwargs):
+    raise AssertionError("the committed file lacks a run of its entry's protocol")
+
+  real_get = tasks.get
+  monkeypatch.setattr(sweep, "get", lambda name: dataclasses.replace(real_get(name), run=untrained))
+  monkeypatch.setattr(report, "plot", lambda saved, path: None)
+  for name, entry in run_all.ENTRIES.items():
+    if entry.module != "sweep":
+      continue
+    for kept in entry.files:
+      if kept.endswith(".json"):
+        shutil.copy(run_all.RESULTS / kept, tmp_path / kept)
+    saved = sweep.main([a.replace("{out}", str(tmp_path)) for a in entry.args])
+    committed = json.loads((run_all.RESULTS / f"{name}.json").read_text())
+    assert len(saved["runs"]) == len(committed["runs"]), name
