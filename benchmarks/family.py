@@ -1,13 +1,11 @@
-"""The LoRA-optimizer family the benchmarks compare, with one tuning budget for all.
+"""The LoRA-optimizer family the benchmarks compare, the one lr grid and the one schedule.
 
 Every benchmark builds its optimizers from :data:`FAMILY`: a factory taking
 the learning-rate schedule and the decoupled weight decay, so every method
 trains under the same schedule and decay and only the peak learning rate is
-swept. :data:`GRID` is that sweep, the same five points for every method, so
-no method gets more tuning than another. It is the one grid of the benchmarks:
-every other lr list (a method's window of it, a reference line's, the toy
-problems') is a run of rungs of the same 1-3-10 :data:`LADDER`, built with
-:func:`rungs` and :func:`shift`.
+swept. Every swept lr is a point of :data:`GRID`; a task or a method sweeps a
+window of it (:func:`window`), and a sweep that finds its best at a window's
+edge extends it by the next point (:func:`neighbour`).
 """
 
 from __future__ import annotations
@@ -48,45 +46,51 @@ FAMILY: dict[str, Factory] = {
 }
 """Name -> ``factory(learning_rate, weight_decay)``."""
 
-LADDER: tuple[float, ...] = tuple(float(f"{k}e{e}") for e in range(-7, 2) for k in (1, 3))
-"""The 1-3-10 rungs, 1e-7 to 30: every benchmark's learning rates are rungs of it."""
+METHODS: dict[str, Factory] = {
+    **FAMILY,
+    # What `adaprelora_b1` was before the factor-step control (results measured then).
+    "adaprelora_exact_b1": lambda lr, wd: adaprelora(lr, b1=0.9, weight_decay=wd, **EXACT),
+}
+""":data:`FAMILY` and the variants some results were measured with; :func:`select` picks from it."""
+
+GRID: tuple[float, ...] = tuple(float(f"{k}e{e}") for e in range(-5, 1) for k in (1, 3))[1:]
+"""Every peak lr a benchmark sweeps: the 1-3-10 points from 3e-5 to 3 (the real tasks' window
+is 3e-4 … 3e-2, the unit-scaled controlled problems' 0.01 … 3)."""
 
 
-def _rung(lr: float) -> int:
-  """The index of ``lr`` in :data:`LADDER`; an error for an lr off the ladder."""
-  i = min(range(len(LADDER)), key=lambda j: abs(math.log(LADDER[j] / lr)))
-  if not math.isclose(LADDER[i], lr, rel_tol=1e-6):
-    raise ValueError(f"lr {lr:g} is not a rung of the 1-3-10 ladder {LADDER}")
+def _index(lr: float) -> int:
+  """The position of ``lr`` in :data:`GRID`; an error for an lr off the grid."""
+  i = min(range(len(GRID)), key=lambda j: abs(math.log(GRID[j] / lr)))
+  if not math.isclose(GRID[i], lr, rel_tol=1e-6):
+    raise ValueError(f"lr {lr:g} is not a point of the grid {GRID}")
   return i
 
 
-def shift(lr: float, rungs_up: int) -> float:
-  """The rung ``rungs_up`` steps above ``lr`` (below for a negative count)."""
-  i = _rung(lr) + rungs_up
-  if not 0 <= i < len(LADDER):
-    raise ValueError(
-        f"{rungs_up:+d} rungs from lr {lr:g} leaves the ladder {LADDER[0]:g}..{LADDER[-1]:g}"
-    )
-  return LADDER[i]
+def neighbour(lr: float, steps: int) -> float:
+  """The grid point ``steps`` points above ``lr`` (below for a negative count)."""
+  i = _index(lr) + steps
+  if not 0 <= i < len(GRID):
+    raise ValueError(f"{steps:+d} points from lr {lr:g} leaves the grid {GRID[0]:g}..{GRID[-1]:g}")
+  return GRID[i]
 
 
-def rungs(low: float, count: int) -> tuple[float, ...]:
-  """``count`` consecutive rungs of :data:`LADDER`, from ``low`` up."""
-  return tuple(shift(low, k) for k in range(count))
+def window(low: float, count: int) -> tuple[float, ...]:
+  """``count`` consecutive points of :data:`GRID`, from ``low`` up."""
+  return tuple(neighbour(low, k) for k in range(count))
 
 
-GRID: tuple[float, ...] = rungs(3e-4, 5)
-"""The peak learning rates swept for every method: 3e-4, 1e-3, 3e-3, 1e-2, 3e-2."""
+WARMUP_FRAC = 0.1
+"""The one warmup rule: a linear warmup over this fraction of the steps (at least one)."""
 
 
-def warmup_steps(warmup_frac: float, steps: int) -> int:
-  """Length of the linear warmup: ``warmup_frac`` of the steps, at least one."""
-  return max(1, round(warmup_frac * steps))
+def warmup_steps(steps: int) -> int:
+  """Length of the linear warmup: :data:`WARMUP_FRAC` of the steps, at least one."""
+  return max(1, round(WARMUP_FRAC * steps))
 
 
-def warmup_cosine(peak_lr: float, steps: int, warmup_frac: float) -> optax.Schedule:
-  """The schedule the real-model benchmarks train under: linear warmup from 0, then cosine to 0."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps(warmup_frac, steps), steps)
+def warmup_cosine(peak_lr: float, steps: int) -> optax.Schedule:
+  """The schedule every swept run trains under: linear warmup from 0, then cosine to 0."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps(steps), steps)
 
 
 def eval_schedule(steps: int, every: int) -> set[int]:
@@ -95,10 +99,10 @@ def eval_schedule(steps: int, every: int) -> set[int]:
 
 
 def select(names: list[str] | None) -> dict[str, Factory]:
-  """The named subset of :data:`FAMILY` (all of it for ``None``), in the given order."""
+  """The named subset of :data:`METHODS` (all of :data:`FAMILY` for ``None``), in the given order."""
   if names is None:
     return dict(FAMILY)
-  unknown = sorted(set(names) - set(FAMILY))
+  unknown = sorted(set(names) - set(METHODS))
   if unknown:
-    raise SystemExit(f"unknown optimizers {unknown}; choose from {sorted(FAMILY)}")
-  return {name: FAMILY[name] for name in names}
+    raise SystemExit(f"unknown optimizers {unknown}; choose from {sorted(METHODS)}")
+  return {name: METHODS[name] for name in names}

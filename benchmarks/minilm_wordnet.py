@@ -1,11 +1,12 @@
-"""The MiniLM-on-WordNet fine-tuning task: data, fixed held-out subset, model and one training run.
+"""The MiniLM-on-WordNet fine-tuning task (``minilm``): data, fixed held-out subset, model, one run.
 
 all-MiniLM-L6-v2 gets rank-8 ``nnx.LoRA`` adapters (``A`` random, ``B = 0``)
 on the query and value projections, and a 26-way linear head classifying
 WordNet noun definitions by lexicographer category. :func:`run` trains one
-model (what trains: a :data:`TRAIN_MODES` key) under a warmup + cosine
-schedule and scores it on a held-out subset fixed independently of the run
-seed; the seed fixes the ``A`` and head inits and the batch order.
+model (what trains: a :data:`TRAIN_MODES` key) under the benchmarks' warmup +
+cosine schedule and scores it on a held-out subset fixed independently of the
+run seed; the seed fixes the ``A`` and head inits and the batch order, so two
+runs with one seed differ only by the optimizer and its learning rate.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,17 +24,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.diagnostics import DIAGNOSTICS, lora_factors, pair_diagnostics
-from benchmarks.family import eval_schedule, warmup_cosine, warmup_steps
-from benchmarks.minilm import TRAINABLE, EncoderClassifier, Frozen, load_minilm
+from adaprelora_jax import adaprelora, with_weight_stats
 from benchmarks import train_loop
+from benchmarks.family import EXACT, METHODS, Factory, eval_schedule, warmup_cosine, window
+from benchmarks.minilm import TRAINABLE, EncoderClassifier, Frozen, load_minilm
+from benchmarks.record import Run, loss_diverged, make_run
+from benchmarks.report import Metric
+from benchmarks.tasks import Method, Size, Task
 from benchmarks.wordnet import NOUN_LEXNAMES, Split, load_wordnet_nouns
-
-Factory = Callable[[optax.Schedule], optax.GradientTransformation]
 
 MAX_LEN = 32
 LORA_TARGETS = ("query", "value")
-LORA_SCALE = 1.0  # load_minilm(lora_alpha=None): the nnx.LoRA convention
 EVAL_SEED = 1234  # fixes the held-out subset, independently of the run seed
 EVAL_CHUNK = 250
 LENGTH_QUANTUM = 8  # eval chunks are trimmed to a multiple of this many tokens
@@ -157,101 +158,91 @@ def adapter_rank(train_mode: str, lora_rank: int) -> int | None:
   return lora_rank if train_mode in ("lora", "lora_stats") else None
 
 
-def run(
-    optimizer_name: str,
-    tx_factory: Factory,
-    peak_lr: float,
-    seed: int,
-    *,
-    steps: int = 150,
-    batch: int = 32,
-    warmup_frac: float = 0.1,
-    lora_rank: int = 8,
-    train: str = "lora",
-    eval_examples: int = 2000,
-    eval_every: int = 25,
-    diagnostics: bool = False,
-    on_params: Callable[[int, Any], None] | None = None,
-    progress: bool = True,
-    stop_on_nonfinite_loss: bool = False,
-) -> dict:
-  """Fine-tunes one model with ``tx_factory(family.warmup_cosine(peak_lr, steps, warmup_frac))``.
+def run(factory: Factory, lr: float, seed: int, size: Size, *, progress: bool = True) -> Run:
+  """Fine-tunes one model with ``factory(family.warmup_cosine(lr, steps), weight_decay)``.
 
-  ``train`` (a :data:`TRAIN_MODES` key) picks what trains; ``lora_rank`` only
-  applies to ``lora``. Held-out accuracy is measured every ``eval_every`` steps
-  and after the last one. ``on_params(t, trainable)`` (tests, debugging) sees the trainable
-  ``nnx.State`` after ``t`` steps, from ``t = 0``; copy what you keep, the
-  buffers are donated to the next step. ``stop_on_nonfinite_loss``: see
-  :func:`benchmarks.train_loop.train` (``final_accuracy`` is then NaN).
-
-  Returns a JSON-ready dict: the settings, ``losses`` (per step),
-  ``eval_steps``/``accuracies``, ``final_accuracy``, ``best_accuracy``, wall
-  times, and with ``diagnostics`` the per-pair
-  :func:`~benchmarks.diagnostics.pair_diagnostics` of every step
-  (``diagnostics.per_pair[metric][step][pair]``).
+  ``size["train"]`` (a :data:`TRAIN_MODES` key) picks what trains;
+  ``lora_rank`` only applies to the ``lora`` modes. Held-out accuracy is
+  measured every ``eval_every`` steps and after the last one; training stops
+  at a non-finite loss (there is no final accuracy then). Diverged: the train
+  loss rule of :func:`benchmarks.record.loss_diverged`.
   """
-  if diagnostics and train != "lora":
-    raise ValueError(f"diagnostics measure LoRA pairs; train={train!r} has none")
   start = time.perf_counter()
   data, _ = _data()
-  chunks = eval_chunks(eval_examples)
-  rank = adapter_rank(train, lora_rank)
-  model = build_model(seed, rank, weight_stats=train == "lora_stats")
+  chunks = eval_chunks(size["eval_examples"])
+  train, steps, batch = size["train"], size["steps"], size["batch"]
+  model = build_model(seed, adapter_rank(train, size["lora_rank"]), weight_stats=train == "lora_stats")
   graphdef, trainable, frozen = nnx.split(model, TRAIN_MODES[train], ...)
-  tx = tx_factory(warmup_cosine(peak_lr, steps, warmup_frac))
-  opt_state = tx.init(trainable)
-  extra = functools.partial(pair_diagnostics, scale=LORA_SCALE) if diagnostics else None
-  step = train_loop.make_train_step(graphdef, tx, classification_loss, extra)
+  tx = factory(warmup_cosine(lr, steps), size["weight_decay"])
+  step = train_loop.make_train_step(graphdef, tx, classification_loss)
   order = batch_order(seed, steps * batch, len(data)).reshape(steps, batch)
   batches = ((data.input_ids[r], data.attention_mask[r], data.labels[r]) for r in order)
-  per_step = []
-
-  def on_step(t: int, params: Any, extras: dict) -> None:
-    if diagnostics:
-      per_step.append({k: np.asarray(v).tolist() for k, v in extras.items()})
-    if on_params is not None:
-      on_params(t, params)
-
-  if on_params is not None:
-    on_params(0, trainable)
-  trainable, record = train_loop.train(
+  _, record = train_loop.train(
       step,
       trainable,
-      opt_state,
+      tx.init(trainable),
       frozen,
       batches,
       steps=steps,
       evaluate=lambda params: evaluate(graphdef, params, frozen, chunks),
-      eval_at=eval_schedule(steps, eval_every),
-      desc=f"{optimizer_name} lr={peak_lr:g} seed={seed}",
+      eval_at=eval_schedule(steps, size["eval_every"]),
+      desc=f"lr={lr:g} seed={seed}",
       metric="acc",
       progress=progress,
-      on_step=on_step,
-      stop_on_nonfinite_loss=stop_on_nonfinite_loss,
+      stop_on_nonfinite_loss=True,
   )
-  accuracies = record["values"]
-  result = dict(
-      optimizer=optimizer_name,
-      lr=peak_lr,
-      seed=seed,
-      steps=steps,
-      batch=batch,
-      warmup_steps=warmup_steps(warmup_frac, steps),
-      lora_rank=rank,
-      train=train,
-      eval_examples=len(eval_indices(eval_examples)),
-      losses=record["losses"],
-      eval_steps=record["eval_steps"],
-      accuracies=accuracies,
-      final_accuracy=accuracies[-1] if record["stopped_at"] is None else math.nan,
-      best_accuracy=max(accuracies, default=math.nan),
-      finite=bool(np.all(np.isfinite(record["losses"]))),
+  return make_run(
+      "", lr, seed, dict(size), record["losses"], record["eval_steps"], record["values"],
+      higher_is_better=True,
+      stopped=record["stopped_at"] is not None,
+      diverged=loss_diverged(record["losses"]),
       wall_s=time.perf_counter() - start,
       **{k: record[k] for k in ("first_step_s", "train_s", "eval_s")},
   )
-  if diagnostics:
-    result["diagnostics"] = dict(
-        pairs=list(lora_factors(trainable)),
-        per_pair={k: [row[k] for row in per_step] for k in DIAGNOSTICS},
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": dict(steps=150, batch=32, eval_examples=2000, eval_every=25, lora_rank=8, train="lora",
+                weight_decay=0.01),
+    # All 8179 held-out definitions; 1.3 epochs of the 73,936 training definitions.
+    "gpu": dict(steps=1500, batch=64, eval_examples=10_000, eval_every=100, lora_rank=8,
+                train="lora", weight_decay=0.01),
+}
+"""Sizes; ``weight_decay`` is the decoupled decay every optimizer applies to every trainable leaf."""
+
+_full_stats = lambda **kw: lambda lr, wd: with_weight_stats(
+    adaprelora(lr, statistics="full", weight_decay=wd, **kw))
+
+OPTIMIZERS: dict[str, Method] = {
+    **{name: Method(make) for name, make in METHODS.items()},
+    # Reference lines: AdamW without adapters, on the head alone (a linear probe) or on everything.
+    "head_only_adamw": Method(METHODS["adamw"], {"train": "head"}),
+    "full_ft_adamw": Method(METHODS["adamw"], {"train": "full"}),
+    # AdaPreLoRA on exact W-gradient statistics (docs/derivation.md, `full`), read from probes.
+    "adaprelora_full": Method(_full_stats(), {"train": "lora_stats"}),
+    "adaprelora_exact_full": Method(_full_stats(**EXACT), {"train": "lora_stats"}),
+}
+
+HIGH, LOW = window(1e-3, 4), window(3e-4, 4)
+WINDOWS: dict[str, tuple[float, ...]] = {
+    # Per-coordinate Adam steps on the factors: each entry moves about `lr` per step.
+    **dict.fromkeys(("adamw", "scaled_adamw", "lora_pro"), HIGH),
+    # The step is built in W-space (larger W-steps per unit lr from B = 0), or has no
+    # momentum (adafactor), or steps B at 16x the lr (lora_plus).
+    **dict.fromkeys(("adafactor", "lora_plus", "lora_pro_full", "lora_rite"), LOW),
+    "head_only_adamw": window(3e-3, 4),  # a linear head from scratch takes larger steps
+    "full_ft_adamw": window(3e-5, 4),  # every pretrained weight moves
+}
+"""Each method's 4-point window of :data:`benchmarks.family.GRID` (AdaPreLoRA's variants: ``LOW``)."""
+
+TASKS = {
+    "minilm": Task(
+        name="minilm",
+        metric=Metric("held-out accuracy", higher_is_better=True),
+        sizes=SIZES,
+        run=run,
+        methods=OPTIMIZERS,
+        window=lambda name: WINDOWS.get(name, LOW),
+        reference=lambda size: ("majority class", majority_baseline(size["eval_examples"])),
     )
-  return result
+}

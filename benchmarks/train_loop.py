@@ -1,4 +1,4 @@
-"""The training loop every real-model benchmark shares: jitted step, periodic held-out score, timings.
+"""The training loop of the real-model tasks (MiniLM, SmolLM2): jitted step, periodic held-out score, timings.
 
 A model is split into ``graphdef``, the ``trainable`` state the optimizer
 updates and the ``frozen`` rest (``nnx.split``); a task supplies its loss
@@ -22,18 +22,14 @@ from tqdm import tqdm
 Loss = Callable[..., jax.Array]
 """``loss(model, *batch)``: the scalar train loss of the merged model on one batch."""
 
-Extra = Callable[[Any, Any], dict[str, jax.Array]]
-"""``extra(trainable_before, trainable_after)``: per-step measurements computed inside the step."""
-
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss: Loss, extra: Extra | None = None
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss: Loss
 ) -> Callable:
-  """``step(trainable, opt_state, frozen, *batch) -> (trainable, opt_state, loss, extras)``, jitted.
+  """``step(trainable, opt_state, frozen, *batch) -> (trainable, opt_state, loss)``, jitted.
 
   The trainable state and optimizer state are donated (updated in place);
-  ``jax.jit`` over the split state measured ~10% faster than ``nnx.jit``.
-  ``extras`` is ``extra(trainable, new_trainable)``, or ``{}`` without it.
+  ``jax.jit`` over the split state skips ``nnx.jit``'s graph traversal on every call.
   """
 
   def loss_fn(trainable, frozen, *batch):
@@ -42,8 +38,7 @@ def make_train_step(
   def step(trainable, opt_state, frozen, *batch):
     value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, *batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    new = optax.apply_updates(trainable, updates)
-    return new, opt_state, value, extra(trainable, new) if extra is not None else {}
+    return optax.apply_updates(trainable, updates), opt_state, value
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -61,17 +56,12 @@ def train(
     desc: str,
     metric: str,
     progress: bool = True,
-    on_step: Callable[[int, Any, dict], None] | None = None,
-    skip_eval_after_nonfinite_loss: bool = False,
     stop_on_nonfinite_loss: bool = False,
 ) -> tuple[Any, dict]:
   """Runs ``step`` over ``steps`` batches, scoring ``evaluate(trainable)`` after the steps in ``eval_at``.
 
-  ``on_step(t, trainable, extras)`` sees the state after step ``t`` (from 1);
-  copy what you keep, the buffers are donated to the next step. With
-  ``skip_eval_after_nonfinite_loss`` a score due after a non-finite loss is
-  recorded as NaN instead of computed; with ``stop_on_nonfinite_loss`` the
-  loop ends at the first non-finite loss (the rest would be NaN too).
+  With ``stop_on_nonfinite_loss`` the loop ends at the first non-finite loss (the
+  rest would be NaN too).
 
   Returns the final trainable state and ``losses`` (per step run),
   ``eval_steps``, ``values`` (the scores), ``stopped_at`` (the step it
@@ -86,21 +76,18 @@ def train(
   bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=not progress)
   for t, batch in enumerate(bar, start=1):
     tick = time.perf_counter()
-    trainable, opt_state, loss, extras = step(trainable, opt_state, frozen, *batch)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, *batch)
     losses.append(float(loss))
     times["train_s"] += time.perf_counter() - tick
     if t == 1:
       times["first_step_s"] = times["train_s"]
-    if on_step is not None:
-      on_step(t, trainable, extras)
     finite = math.isfinite(losses[-1])
     if not finite and stop_on_nonfinite_loss:
       stopped_at = t
       break
     if t in eval_at:
       tick = time.perf_counter()
-      skip = skip_eval_after_nonfinite_loss and not finite
-      values.append(math.nan if skip else evaluate(trainable))
+      values.append(evaluate(trainable))
       eval_steps.append(t)
       times["eval_s"] += time.perf_counter() - tick
       bar.set_postfix({"loss": f"{losses[-1]:.3f}", metric: f"{values[-1]:.3f}"})

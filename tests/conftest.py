@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.family import EXACT  # noqa: F401  (AdaPreLoRA's arguments for the paper's rule)
+
+EXACT: dict[str, None] = dict(balancing=None, factor_clipping=None)
+"""AdaPreLoRA's arguments for the paper's rule: no balancing term, no bound on the factor steps."""
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import optax
 import pytest
 
 from adaprelora_jax import adaprelora
-from benchmarks.controlled import lora_regression, train_run
-from benchmarks.factor_control import moved
 from conftest import EXACT
+from toy_regression import lora_regression, moved, train
 
 
 @pytest.mark.parametrize("b1", [None, 0.9])
@@ -19,7 +18,7 @@ def test_a_tiny_learning_rate_moves_a_little_from_b_zero(b1):
   """After ``B = 0`` the exact rule moves ``A`` by O(|A|) per step whatever the lr (its step is
   O(1/|B|) and ``B`` is O(lr)); with the control ``A`` moves about as little as Adam's."""
   params, loss = lora_regression(0)  # 32 x 24, rank 4, B = 0
-  moved_by = {name: moved(params, train_run(tx, params, loss, 1000).params) for name, tx in {
+  moved_by = {name: moved(params, train(tx, params, loss, 1000).params) for name, tx in {
       "adam": optax.adam(1e-6, b1=0.9 if b1 is None else b1),
       "exact": adaprelora(1e-6, b1=b1, **EXACT),
       "default": adaprelora(1e-6, b1=b1)}.items()}
@@ -35,7 +34,7 @@ def test_factors_stay_bounded_at_ten_times_the_best_learning_rate():
   params, loss = lora_regression(0)
   curves = {}
   for name, tx in {"exact": adaprelora(0.1, **EXACT), "default": adaprelora(0.1)}.items():
-    run = train_run(tx, params, loss, 10_000)
+    run = train(tx, params, loss, 10_000)
     curves[name] = (run.largest_factor, run.losses[-1] / run.losses[0])
   assert curves["exact"][0] > 100, curves
   assert curves["default"][0] <= 20, curves
@@ -49,7 +48,7 @@ def test_the_toy_optimum_is_reached_as_fast_at_the_best_learning_rate():
     params, loss = lora_regression(seed)
     out = {}
     for name, tx in {"exact": adaprelora(0.01, **EXACT), "default": adaprelora(0.01)}.items():
-      curve = train_run(tx, params, loss, 2000).losses
+      curve = train(tx, params, loss, 2000).losses
       relative = curve / curve[0]
       out[name] = (int(np.flatnonzero(relative < 0.02)[0]), relative[-1])
     assert out["default"][0] <= 1.1 * out["exact"][0], (seed, out)

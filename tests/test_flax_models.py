@@ -5,8 +5,7 @@ adapters can learn, and the loss on fresh batches must fall. The tests also
 check that the pairing found exactly the adapted layers, with the shapes and
 batch axes expected, and that frozen weights stayed bit for bit the same.
 Scanned stacks are checked against the optimizer run on each layer's slice
-alone, and compile time against the number of layers
-(``benchmarks/compile_time.py``).
+alone.
 """
 
 import jax
@@ -17,7 +16,6 @@ import pytest
 from flax import nnx, traverse_util
 
 from adaprelora_jax import adaprelora, lora_pairs
-from benchmarks import compile_time
 
 import flax_models as fm
 from flax_models import (
@@ -269,21 +267,3 @@ def test_linen_nn_scan_stack():
   assert_learned(losses)
   np.testing.assert_array_equal(params["blocks"]["fc"]["kernel"], initial["blocks"]["fc"]["kernel"])
   _assert_stacked_equals_per_layer(tx, initial, grads, params, layers)
-
-
-def _compile_cpu_seconds(layers, layout):
-  """CPU seconds to compile the step: unlike wall time, not stretched by other processes."""
-  return compile_time.compile_seconds("adaprelora", layers, layout)["compile_cpu"]
-
-
-def test_compile_time_flat_in_stacked_layers_at_most_linear_in_unscanned_layers():
-  """Stacked: independent of L. Unscanned: at most linear with 50 % slack.
-
-  Each role's pairs are solved in one vmap, so 224 unscanned pairs compiled in
-  5.4 s CPU (79 s before grouping, when XLA's passes grew about as L²).
-  ``python -m benchmarks.compile_time`` gives the figures at L = 4…32.
-  """
-  two, sixteen = _compile_cpu_seconds(2, "stacked"), _compile_cpu_seconds(16, "stacked")
-  assert sixteen < 1.5 * two + 0.5, (two, sixteen)
-  eight, thirty_two = _compile_cpu_seconds(8, "unscanned"), _compile_cpu_seconds(32, "unscanned")
-  assert thirty_two < 1.5 * 4 * eight, (eight, thirty_two)

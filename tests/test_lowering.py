@@ -109,47 +109,6 @@ def test_solver_calls_are_the_platforms_own():
       assert (other == platform) == bool(re.fullmatch(ALLOWED[other], target))
 
 
-# benchmarks/accelerator_model.py reads the same programs; its counting is checked here.
-
-def test_model_counts_each_solver_call_site_once():
-  """The jaxpr walk finds every decomposition the compiled program runs (the lowered module
-  holds one body per jitted function, however many call sites it has)."""
-  from benchmarks import accelerator_model as am
-
-  traced = trace_step(*CASES["adaprelora_b1"])
-  calls = am.solver_calls(traced)
-  compiled = traced.lower(lowering_platforms=("cpu",)).compile().as_text()
-  assert {c[0] for c in calls} == {"eigh", "cholesky", "triangular_solve"}
-  for primitive, target in (("eigh", "lapack_ssyevd"), ("cholesky", "lapack_spotrf"),
-                            ("triangular_solve", "lapack_strsm")):
-    assert sum(c[0] == primitive for c in calls) == len(
-        re.findall(rf"custom-call\(.*custom_call_target=\"{target}", compiled)), primitive
-
-
-def test_model_kernels_and_terms():
-  from benchmarks import accelerator_model as am
-
-  def kernels(f, *shapes):
-    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    return am.kernel_count(jax.jit(f).lower(*args).compile().as_text())[0]
-
-  elementwise = kernels(lambda x: jnp.tanh(2 * x + 1), (64, 64))
-  assert elementwise == 1  # one fusion; its body's ops are not kernels
-  assert kernels(lambda x, y: jnp.tanh(x @ y) @ y, (64, 64), (64, 64)) >= 2
-  chip = am.Chip("toy", hbm_bytes_per_s=1e9, peak_flops_per_s=1e12, launch_s=1e-6,
-                 solver=lambda primitive, batch, n: 1e-3 * batch, highest_dot_flops_per_s=1e11,
-                 default_dot_flops_per_s=1e12)
-  program = {"flops": 2e9, "dot_flops": 1e9, "bytes": 1e6, "kernels": 10,
-             "solver_calls": [("eigh", 3, 4)]}
-  t = am.predict(program, chip)
-  assert t["roofline_s"] == pytest.approx(1e-3 + 1e-2)  # compute-bound, dots at HIGHEST's rate
-  assert t["dots_default_s"] == pytest.approx(1e-3)
-  assert t["total_s"] == pytest.approx(1.1e-2 + 10e-6 + 3e-3)
-  assert am.dot_flops(jax.jit(lambda x, y: x @ y).trace(
-      jax.ShapeDtypeStruct((3, 5), jnp.float32), jax.ShapeDtypeStruct((5, 7), jnp.float32))
-  ) == 2 * 3 * 5 * 7
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_every_product_asks_for_float32(name):
   """Each dot of the step (it has no model: all are the update's) carries ``HIGHEST`` for
