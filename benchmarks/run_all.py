@@ -111,6 +111,10 @@ ENTRIES: dict[str, Entry] = {
         "update_cost", ("--optimizers", *LAYOUTS, "--no-scaling", "--layers", "8", "--out", "{out}"),
         {"update_cost_layouts_8.json": "update_cost.json"}),
     "full_stats_cost": Entry("full_stats_cost", (), {}),
+    "accelerator_model": Entry("accelerator_model", ("--out", "{out}"),
+                               _same("accelerator_model.json")),
+    "precision_error": Entry("precision_error", ("--out", "{out}/precision_error.json"),
+                             _same("precision_error.json")),
 }
 """Entry name -> what it runs and the result files it writes, in the order :func:`main` runs them."""
 

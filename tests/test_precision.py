@@ -15,8 +15,11 @@ products that contract over ``m`` or ``n`` at the hardware's default precision.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import json
+import pathlib
 import sys
 
 import jax
@@ -158,17 +161,31 @@ def large_at_default(eqn) -> lax.Precision:
   return lax.Precision.DEFAULT if _contracts_large_axis(eqn) else emulation.carried_precision(eqn)
 
 
-def main() -> None:
+POLICIES = {"as carried": emulation.carried_precision, "m, n at default": large_at_default,
+            "all float32": lambda eqn: lax.Precision.HIGHEST}
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Prints the table of errors (and writes it as JSON with ``--out``)."""
+  parser = argparse.ArgumentParser(description="W-step error of each optimizer, emulated")
+  parser.add_argument("--out", type=pathlib.Path)
+  args = parser.parse_args(argv)
   print(f"W-step error against float64, {M} x {N}, r = {RANK}, two updates")
   print("| optimizer | products | " + " | ".join(
       f"κ={c:g} {hw}" for c in CONDITIONS for hw in ("gpu", "tpu")) + " |")
   print("|---|---|" + "---|" * 2 * len(CONDITIONS))
+  table = {}
   for name in OPTIMIZERS:
-    for label, policy in (("as carried", emulation.carried_precision),
-                          ("m, n at default", large_at_default),
-                          ("all float32", lambda eqn: lax.Precision.HIGHEST)):
-      cells = [f"{error(name, c, hw, policy):.1e}" for c in CONDITIONS for hw in ("gpu", "tpu")]
-      print(f"| {name} | {label} | " + " | ".join(cells) + " |", flush=True)
+    for label, policy in POLICIES.items():
+      cells = {f"{c:g} {hw}": error(name, c, hw, policy) for c in CONDITIONS for hw in ("gpu", "tpu")}
+      table.setdefault(name, {})[label] = cells
+      print(f"| {name} | {label} | " + " | ".join(f"{e:.1e}" for e in cells.values()) + " |",
+            flush=True)
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"shape": [M, N, RANK], "budget": BUDGET, "errors": table},
+                                   indent=1))
+  return table
 
 
 if __name__ == "__main__":
