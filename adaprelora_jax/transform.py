@@ -39,20 +39,23 @@ def _check_hyperparams(**values: Any) -> None:
 
 def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
                   ) -> tuple[Array, Array]:
-  """``stats`` checked against ``pair`` and shaped ``(*batch, m)``, ``(*batch, n)``."""
+  """``stats`` checked against ``pair`` and shaped ``(*batch, m)``, ``(*batch, n)``.
+
+  Values already on the host (NumPy, Python) are checked here. Device arrays
+  are not read back, which would cost a transfer and a sync per step: the
+  rule clamps negative ones at 0, and a non-finite one skips the slice's step
+  and counts it (:func:`~adaprelora_jax.skipped_steps`).
+  """
   batch = pair.batch_shape
   out = []
   for name, value, size in zip(("row", "col"), stats, (pair.m, pair.n)):
+    concrete = None if isinstance(value, jax.Array) else np.asarray(value)
     value = jnp.asarray(value)
     where = f"weight_stats[{pair.key!r}].{name}"
     if value.shape[: len(batch)] != batch or value.size != math.prod(batch) * size:
       raise ValueError(
           f"{where} has shape {value.shape}; expected "
           f"{(*batch, size)} for A {pair.a_path} and B {pair.b_path}.")
-    try:
-      concrete = np.asarray(value)
-    except jax.errors.TracerArrayConversionError:  # the rule clamps negatives, skips non-finite
-      concrete = None
     if concrete is not None and not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0)):
       raise ValueError(f"{where} must be finite and >= 0 (mean squares); its smallest entry "
                        f"is {np.nanmin(concrete)!r} and it has "

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from adaprelora_jax import WeightStats, adaprelora, baselines
+from adaprelora_jax import WeightStats, adaprelora, baselines, skipped_steps
 from adaprelora_jax.checkpoint import restore_state
 from conftest import EXACT
 
@@ -41,14 +41,27 @@ def test_bad_hyperparameters_are_named_at_construction(name, value):
     adaprelora(1e-2, **{name: value})
 
 
-def test_concrete_weight_stats_must_be_finite_mean_squares():
+def test_host_weight_stats_must_be_finite_mean_squares():
   params = _params()
   tx = adaprelora(1e-2)
   state = tx.init(params)
   for bad in (-1.0, float("nan"), float("inf")):
-    stats = {"q": WeightStats(jnp.ones(12).at[3].set(bad), jnp.ones(10))}
+    row = np.ones(12, np.float32)
+    row[3] = bad
+    stats = {"q": WeightStats(row, np.ones(10, np.float32))}
     with pytest.raises(ValueError, match=r"weight_stats\['q'\].row must be finite and >= 0"):
       tx.update(_grads(params), state, params, weight_stats=stats)
+
+
+def test_device_weight_stats_are_not_read_back_but_skip_and_count():
+  """A device array is not copied to the host each step: a NaN in it skips the pair, counted."""
+  params = _params()
+  tx = adaprelora(1e-2)
+  stats = {"q": WeightStats(jnp.ones(12).at[3].set(jnp.nan), jnp.ones(10))}
+  with jax.transfer_guard_device_to_host("disallow"):
+    updates, state = tx.update(_grads(params), tx.init(params), params, weight_stats=stats)
+  np.testing.assert_array_equal(updates["q"]["lora_a"], 0.0)
+  assert int(skipped_steps(state)["q"]) == 1
 
 
 def test_traced_weight_stats_never_give_nan():
