@@ -45,6 +45,7 @@ stage as one solver call for every role and layer
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,16 +70,17 @@ class Hyperparams(NamedTuple):
   factor_clipping: float | Array | None
 
 
+# Plain comparisons: a Python number gives a bool (even inside a trace), an array an array.
 def _unit(v) -> Array:
   return (v >= 0.0) & (v < 1.0)
 
 
 def _nonnegative(v) -> Array:
-  return jnp.isfinite(v) & (v >= 0.0)
+  return (v >= 0.0) & (v < math.inf)
 
 
 def _positive(v) -> Array:
-  return jnp.isfinite(v) & (v > 0.0)
+  return (v > 0.0) & (v < math.inf)
 
 
 RANGES: dict[str, tuple[Callable[[Any], Array], str]] = {

@@ -87,6 +87,8 @@ def _expected() -> dict[str, tuple]:
   for key, entries in PAIRS.items():
     for field, e in zip(("v_row", "v_col", "mu_a", "mu_b"), entries):
       want[f"['opt_state'][0]['pairs']['{key}']['{field}']"] = e
+    for field in ("applied", "skipped"):  # per-slice step counts: no batch axes here
+      want[f"['opt_state'][0]['counts']['{key}']['{field}']"] = ()
   for moment in ("mu", "nu"):  # the fallback's Adam buffers follow their params
     prefix = f"['opt_state'][0]['fallback']['inner_state']['{moment}']['head']"
     want.update({f"{prefix}['kernel']": (None, "model"), f"{prefix}['bias']": ("model",)})
