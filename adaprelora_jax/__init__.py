@@ -12,7 +12,7 @@ from adaprelora_jax.functional import (solve_factor_update, tangent_mean_squares
 from adaprelora_jax.layout import CHUNKED, JOINED, Layout
 from adaprelora_jax.pairing import (LoRAPair, LoRAPairing, default_rule,
                                     lora_pairs)
-from adaprelora_jax.pairwise import SliceCounts, skipped_steps
+from adaprelora_jax.pairwise import SliceCounts, pairwise_transformation, skipped_steps
 from adaprelora_jax.sharding import annotate_opt_state, state_shardings
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState, scale_by_adaprelora
 
@@ -20,7 +20,7 @@ __all__ = [
     "CHUNKED", "JOINED", "LoRADenseWithStats", "LoRALinearWithStats", "LoRAPair",
     "LoRAPairing", "Layout", "PairState", "ScaleByAdaPreLoRAState", "WeightStats",
     "WeightStatsVar", "adaprelora", "annotate_opt_state", "default_rule",
-    "linear_with_weight_stats", "lora_pairs",
+    "linear_with_weight_stats", "lora_pairs", "pairwise_transformation",
     "SliceCounts", "scale_by_adaprelora", "skipped_steps", "solve_factor_update",
     "split_weight_stats",
     "state_shardings",
