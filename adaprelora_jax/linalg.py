@@ -96,9 +96,10 @@ def cholesky_inverse(gram: Array, damping: Array | float) -> Array:
   """
   r = gram.shape[-1]
   eye = jnp.eye(r, dtype=gram.dtype)
-  trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
-  shifted = (gram + _t(gram)) / 2 + shift(gram, damping)[..., None, None] * eye
-  factors = lax.linalg.cholesky(jnp.stack([shifted, shifted + _ESCALATED * trace / r * eye]),
+  mean_eigenvalue = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None] / r
+  delta = shift(gram, damping)[..., None, None]
+  shifted = (gram + _t(gram)) / 2 + delta * eye
+  factors = lax.linalg.cholesky(jnp.stack([shifted, shifted + _ESCALATED * mean_eigenvalue * eye]),
                                 symmetrize_input=False)
   factor = jnp.where(jnp.all(jnp.isfinite(factors[0]), axis=(-2, -1), keepdims=True),
                      factors[0], factors[1])
@@ -106,7 +107,7 @@ def cholesky_inverse(gram: Array, damping: Array | float) -> Array:
                                            left_side=True, lower=True)
   inv = dot(_t(inv_factor), inv_factor)
   # An all-zero Gram's inverse acts as the pseudo-inverse, 0 (see pseudo_reciprocal).
-  zero = jnp.trace(shifted, axis1=-2, axis2=-1)[..., None, None] <= r * _zero_floor(gram.dtype)
+  zero = mean_eigenvalue + delta <= _zero_floor(gram.dtype)
   return jnp.where(zero | ~jnp.isfinite(inv), 0.0, inv)
 
 

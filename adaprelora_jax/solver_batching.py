@@ -17,6 +17,7 @@ knows nothing of the math: rules stay written per slice.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -98,14 +99,13 @@ def _run_merged(nodes: list[_Node], values: dict[int, Any]) -> None:
     values.update(zip(nodes[0].outputs, _bind(eqn, [values[k] for k in nodes[0].inputs])))
     return
   batches = [values[node.inputs[0]].shape[:-2] for node in nodes]
-  stacked = [jnp.concatenate([values[node.inputs[i]].reshape(-1, *values[node.inputs[i]].shape[-2:])
-                              for node in nodes]) for i in range(len(eqn.invars))]
+  matrices = lambda x: x.reshape(-1, *x.shape[-2:])
+  stacked = [jnp.concatenate([matrices(values[node.inputs[i]]) for node in nodes])
+             for i in range(len(eqn.invars))]
   outs = _bind(eqn, stacked)
   start = 0
   for node, batch in zip(nodes, batches):
-    size = 1
-    for d in batch:
-      size *= d
+    size = math.prod(batch)
     for key, out in zip(node.outputs, outs):
       values[key] = out[start:start + size].reshape(*batch, *out.shape[1:])
     start += size

@@ -85,6 +85,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import re
 from collections import Counter
@@ -221,14 +222,8 @@ def dot_flops(traced) -> float:
   for eqn in _equations(traced.jaxpr.jaxpr):
     if eqn.primitive.name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      size = 1
-      for d in contract:
-        size *= lhs[d]
-      out = 1
-      for d in eqn.outvars[0].aval.shape:
-        out *= d
-      total += 2.0 * out * size
+      contracted = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
   return total
 
 

@@ -130,14 +130,3 @@ def emulate(fn: Callable[..., Any], hardware: Hardware, policy: Policy = carried
 
   return run
 
-
-def count_dots(fn: Callable[..., Any], *args) -> dict[lax.Precision, int]:
-  """How many float32 dots ``fn`` runs at each precision, nested jaxprs included."""
-  counts: dict[lax.Precision, int] = {}
-
-  def tally(eqn):
-    counts[carried_precision(eqn)] = counts.get(carried_precision(eqn), 0) + 1
-    return lax.Precision.HIGHEST
-
-  emulate(fn, "gpu", tally)(*args)
-  return counts

@@ -29,7 +29,7 @@ import optax
 import pytest
 from jax import lax
 
-from adaprelora_jax import adaprelora
+from adaprelora_jax import adaprelora, linear_with_weight_stats, weight_stats_probe
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw, scaled_gd
 
 import precision_emulation as emulation
@@ -148,6 +148,32 @@ def test_emulation_rounds_default_dots():
     highest = emulation.emulate(lambda y: jnp.matmul(y, y, precision="highest"), hardware)(x)
     assert np.max(np.abs(default - exact)) > 2.0 ** -(bits + 3)
     assert np.max(np.abs(highest - exact)) < 1e-5
+
+
+def test_gram_route_statistics_are_float32_accurate_on_a_tpu():
+  """The ``"gram"`` route regroups ``G = xᵀδ``'s sums, which cancel here (token pairs with
+  nearly equal inputs and opposite cotangents), so its products must not round to bfloat16."""
+  rng = np.random.default_rng(0)
+  tokens, m, n = 8, 64, 48
+  x = rng.normal(size=(tokens, m))
+  x[1::2] = x[0::2] + 1e-2 * rng.normal(size=(tokens // 2, m))
+  delta = rng.normal(size=(tokens, n))
+  delta[1::2] = -delta[0::2]
+  x, delta = (np.asarray(v, np.float32) for v in (x, delta))
+  g = x.astype(np.float64).T @ delta.astype(np.float64)
+  exact = np.concatenate([np.mean(g * g, 1), np.mean(g * g, 0)])
+
+  def stats(x, delta):
+    loss = lambda probe: jnp.sum(delta * linear_with_weight_stats(
+        x, jnp.zeros((m, n)), probe, method="gram"))
+    return jnp.concatenate(jax.grad(loss)(weight_stats_probe(m, n)))
+
+  error = lambda policy: float(np.max(np.abs(
+      emulation.emulate(stats, "tpu", policy)(jnp.asarray(x), jnp.asarray(delta)) - exact))
+      / np.max(exact))
+  on_tpu, in_float32 = error(emulation.carried_precision), error(lambda eqn: lax.Precision.HIGHEST)
+  assert on_tpu == in_float32 <= 1e-2
+  assert error(lambda eqn: lax.Precision.DEFAULT) > 10 * in_float32  # one bfloat16 pass
 
 
 def _contracts_large_axis(eqn) -> bool:
