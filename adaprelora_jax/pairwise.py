@@ -104,10 +104,17 @@ def skipped_steps(state: optax.OptState) -> dict[str, Array]:
   value has the pair's batch shape (``()`` for an unstacked pair). A slice
   skips a step, and keeps its state, when its factors, gradients or
   statistics, or its computed step or state, are not finite.
+
+  Raises:
+    ValueError: if ``state`` holds no optimizer of this family.
   """
-  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PairwiseState))
-  return {key: counts.skipped for node in nodes if isinstance(node, PairwiseState)
-          for key, counts in node.counts.items()}
+  nodes = [node for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PairwiseState))
+           if isinstance(node, PairwiseState)]
+  if not nodes:
+    raise ValueError(f"skipped_steps: the state ({type(state).__name__}) holds no "
+                     "PairwiseState; pass the state of adaprelora, scale_by_adaprelora or a "
+                     "baseline of adaprelora_jax.baselines, alone or in Optax wrappers.")
+  return {key: counts.skipped for node in nodes for key, counts in node.counts.items()}
 
 
 def _pair_dtype(leaves: list[Any], pair: LoRAPair) -> jnp.dtype:

@@ -107,3 +107,5 @@ def test_skipped_steps_reads_the_state_inside_wrappers():
   params = _params()
   counts = skipped_steps(tx.init(params))
   assert set(counts) == {"q", "v", "layers"} and counts["layers"].shape == (2,)
+  with pytest.raises(ValueError, match=r"state \(ScaleByAdamState\) holds no PairwiseState"):
+    skipped_steps(optax.adam(1e-2).init(params)[0])
