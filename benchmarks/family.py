@@ -16,7 +16,7 @@ from collections.abc import Callable
 import optax
 
 from adaprelora_jax import CHUNKED, adaprelora
-from adaprelora_jax.chain import with_decay_and_learning_rate
+from adaprelora_jax import with_decay_and_learning_rate
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw
 
 Factory = Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from adaprelora_jax.flax_layers import LoRALinearWithStats, WeightStatsVar
+from adaprelora_jax.flax import LoRALinearWithStats, WeightStatsVar
 from benchmarks.sizes import fill_defaults
 
 # name -> (stats_method, or None for nnx.LoRALinear; whether the statistics are asked for)

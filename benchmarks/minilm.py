@@ -38,8 +38,8 @@ import tokenizers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from adaprelora_jax.flax_layers import WeightStatsVar
-from adaprelora_jax.full_stats import linear_with_weight_stats, weight_stats_probe
+from adaprelora_jax.flax import WeightStatsVar
+from adaprelora_jax.functional import linear_with_weight_stats, weight_stats_probe
 from benchmarks.assets import minilm_dir
 
 LORA_TARGETS = ("query", "key", "value", "output")

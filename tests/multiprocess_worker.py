@@ -44,8 +44,9 @@ from jax.sharding import PartitionSpec as P
 
 import test_nnx_sharding as models
 import toy_lora
-from adaprelora_jax import adaprelora, annotate_opt_state, state_shardings
-from adaprelora_jax.checkpoint import restore_state
+from adaprelora_jax import adaprelora, state_shardings
+from adaprelora_jax.flax import annotate_opt_state
+from adaprelora_jax import restore_state
 
 STEPS, SAVED_AT = 5, 2
 pure = getattr(nnx, "as_pure", None) or nnx.pure  # Flax renamed it; pure warns in newer ones

@@ -20,8 +20,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adaprelora_jax import adaprelora
-from adaprelora_jax.checkpoint import restore_state
-from adaprelora_jax.sharding import state_shardings
+from adaprelora_jax import restore_state
+from adaprelora_jax import state_shardings
 
 import toy_lora
 from isolated import run_isolated

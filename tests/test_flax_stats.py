@@ -11,12 +11,10 @@ import optax
 import pytest
 from flax import linen, nnx
 
-from adaprelora_jax import WeightStats, adaprelora, lora_pairs
-from adaprelora_jax.flax_layers import (LoRADenseWithStats, LoRALinearWithStats,
-                                        WeightStatsVar)
-from adaprelora_jax.full_stats import (linear_with_weight_stats,
-                                       split_weight_stats, weight_stats_probe,
-                                       with_weight_stats)
+from adaprelora_jax import WeightStats, adaprelora, lora_pairs, with_weight_stats
+from adaprelora_jax.flax import LoRADenseWithStats, LoRALinearWithStats, WeightStatsVar
+from adaprelora_jax.functional import (linear_with_weight_stats, split_weight_stats,
+                                       weight_stats_probe)
 
 WRT = nnx.Any(nnx.LoRAParam, WeightStatsVar)
 NORMAL = nnx.initializers.normal(1.0)
@@ -330,7 +328,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from adaprelora_jax.full_stats import linear_with_weight_stats, weight_stats_probe
+from adaprelora_jax.functional import linear_with_weight_stats, weight_stats_probe
 x0 = np.random.default_rng(0).normal(size=(4, 3, 8)).astype(np.float32)
 w0 = np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32)
 loss = lambda p, w, x, method: jnp.sum(jnp.sin(linear_with_weight_stats(x, w, p, method=method)))

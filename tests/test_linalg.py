@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from adaprelora_jax import linalg
+from adaprelora_jax._src import linalg
 
 
 def test_damped_inverse_of_a_rounded_rank_one_gram_is_finite():

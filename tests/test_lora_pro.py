@@ -7,9 +7,8 @@ import optax
 import pytest
 import scipy.linalg
 
-from adaprelora_jax.baselines.lora_pro import (lora_pro, lora_pro_gradients,
-                                                scale_by_lora_pro,
-                                                solve_sylvester)
+from adaprelora_jax._src.baselines.lora_pro import lora_pro_gradients, solve_sylvester
+from adaprelora_jax.baselines import lora_pro, scale_by_lora_pro
 from conftest import h_projection, random_pair
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax.baselines.lora_rite import lora_rite, scale_by_lora_rite
+from adaprelora_jax.baselines import lora_rite, scale_by_lora_rite
 from conftest import random_pair
 
 

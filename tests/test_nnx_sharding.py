@@ -15,7 +15,8 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from adaprelora_jax import adaprelora, annotate_opt_state
+from adaprelora_jax import adaprelora
+from adaprelora_jax.flax import annotate_opt_state
 
 from isolated import isolated
 from test_sharding import _assert_close

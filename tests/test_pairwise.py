@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import CHUNKED, JOINED, Layout, WeightStats, pairwise, scale_by_adaprelora
+from adaprelora_jax import CHUNKED, JOINED, Layout, WeightStats, scale_by_adaprelora
+from adaprelora_jax._src import pairwise
 from conftest import count_primitive
 
 # Decoder-like shapes: four square projections and three MLP matrices.

@@ -29,7 +29,8 @@ import optax
 import pytest
 from jax import lax
 
-from adaprelora_jax import adaprelora, linear_with_weight_stats, weight_stats_probe
+from adaprelora_jax import adaprelora
+from adaprelora_jax.functional import linear_with_weight_stats, weight_stats_probe
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw, scaled_gd
 
 import precision_emulation as emulation

@@ -7,7 +7,7 @@ default exactly where the function has one, written as a Python expression
 that evaluates (in the module that defines the name) to a value equal to the
 real default (`1e-4` for 0.0001, `JOINED` for `Layout()`). Annotations are not
 compared. `name(...)` means "see above" and is skipped. `name` resolves in
-`adaprelora_jax`; a dotted name (`adaprelora_jax.checkpoint.restore_state`)
+`adaprelora_jax`; a dotted name (`adaprelora_jax.restore_state`)
 in its module; a cell that starts with a module (`` `adaprelora_jax.baselines`: ``)
 resolves its bare names there.
 """
@@ -96,9 +96,10 @@ def table_entries(text: str) -> list[Entry]:
       if not call:
         continue
       name, args = call.groups()
+      where = module
       if name.startswith(PACKAGE + "."):
-        module, _, name = name.rpartition(".")
-      entries.append(Entry(number, module, name, args))
+        where, _, name = name.rpartition(".")
+      entries.append(Entry(number, where, name, args))
   return entries
 
 
@@ -231,6 +232,18 @@ def test_readme_api_table_matches_signatures():
       + "\n\n".join(problems))
 
 
+PUBLIC_MODULES = ("adaprelora_jax", "adaprelora_jax.functional", "adaprelora_jax.baselines",
+                  "adaprelora_jax.flax")
+
+
+def test_readme_api_section_names_every_public_name():
+  section = "\n".join(line for _, line in api_section(README.read_text(encoding="utf-8")))
+  missing = [f"{module}.{name}" for module in PUBLIC_MODULES
+             for name in importlib.import_module(module).__all__
+             if not re.search(rf"\b{re.escape(name)}\b", section)]
+  assert not missing, f"README.md's API section does not mention {missing}"
+
+
 # --- the parser and the check, on tables written here ----------------------
 
 _TABLE = """# t
@@ -252,12 +265,12 @@ def _table(row: str) -> str:
 
 
 def test_parser_reads_rows_pipes_modules_and_skips_ellipsis():
-  text = _table("`lora_pairs(params, rule=None)`, `adaprelora_jax.checkpoint."
-                "restore_state(path)`, `Layout`")
+  text = _table("`lora_pairs(params, rule=None)`, `adaprelora_jax.functional."
+                "w_step_rms(a)`, `Layout`")
   entries = table_entries(text)
   assert [(e.module, e.name, e.args) for e in entries] == [
       ("adaprelora_jax", "lora_pairs", "params, rule=None"),
-      ("adaprelora_jax.checkpoint", "restore_state", "path"),
+      ("adaprelora_jax.functional", "w_step_rms", "a"),
       ("adaprelora_jax", "scale_by_adaprelora", "..."),
   ]
   assert entries[0].line == 7
@@ -268,8 +281,8 @@ def test_parser_reads_rows_pipes_modules_and_skips_ellipsis():
 
 
 def test_correct_row_passes():
-  row = ("`lora_pairs(params, rule=None)`, `w_step_rms(a, b, delta_a, delta_b, *, "
-         "scale=1.0)`, `adaprelora_jax.checkpoint.restore_state(path, tx, params, "
+  row = ("`lora_pairs(params, rule=None)`, `adaprelora_jax.functional.w_step_rms(a, b, delta_a, delta_b, *, "
+         "scale=1.0)`, `restore_state(path, tx, params, "
          "shardings=None, *, checkpointer=None)`")
   assert check(_table(row)) == []
 
@@ -287,13 +300,13 @@ def test_defaults_compare_as_values():
     # a parameter left out
     ("`lora_pairs(params)`", "+rule: positional or keyword, default None"),
     # a default that is not the code's
-    ("`w_step_rms(a, b, delta_a, delta_b, *, scale=2.0)`",
+    ("`adaprelora_jax.functional.w_step_rms(a, b, delta_a, delta_b, *, scale=2.0)`",
      "-scale: keyword-only, default 2.0"),
     # a default the code does not have written as none
-    ("`w_step_rms(a, b, delta_a, delta_b, *, scale)`",
+    ("`adaprelora_jax.functional.w_step_rms(a, b, delta_a, delta_b, *, scale)`",
      "-scale: keyword-only, no default"),
     # the keyword-only marker missing
-    ("`w_step_rms(a, b, delta_a, delta_b, scale=1.0)`",
+    ("`adaprelora_jax.functional.w_step_rms(a, b, delta_a, delta_b, scale=1.0)`",
      "-scale: positional or keyword, default 1.0"),
     # a wrong name
     ("`skipped_steps(opt_state)`", "-opt_state: positional or keyword"),

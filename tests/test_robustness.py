@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adaprelora_jax import WeightStats, adaprelora, baselines, skipped_steps
-from adaprelora_jax.checkpoint import restore_state
+from adaprelora_jax import restore_state
 from conftest import EXACT
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaprelora_jax import solve_factor_update, tangent_mean_squares, w_step_rms
+from adaprelora_jax.functional import solve_factor_update, tangent_mean_squares, w_step_rms
 from conftest import h_projection, random_pair
 
 

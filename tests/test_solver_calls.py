@@ -1,7 +1,7 @@
 """One solver call per stage: the lowered GPU and TPU programs of a 7B-sized update.
 
 Every role's ``r × r`` decompositions of one stage share one batched call
-(``adaprelora_jax.solver_batching``). The count is read from the lowered
+(``adaprelora_jax._src.solver_batching``). The count is read from the lowered
 module as a device would run it: each function's solver ops, times the
 number of times the call graph reaches that function.
 """
@@ -19,7 +19,7 @@ import pytest
 
 from adaprelora_jax import CHUNKED, adaprelora
 from adaprelora_jax.baselines import lora_plus, lora_pro, lora_rite, scaled_adamw, scaled_gd
-from adaprelora_jax.solver_batching import batch_solves
+from adaprelora_jax._src.solver_batching import batch_solves
 
 ROLES = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
          "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}

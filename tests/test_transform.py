@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import (WeightStats, adaprelora, scale_by_adaprelora,
-                            solve_factor_update)
+from adaprelora_jax import WeightStats, adaprelora, scale_by_adaprelora
+from adaprelora_jax.functional import solve_factor_update
 from conftest import EXACT, random_pair
 
 

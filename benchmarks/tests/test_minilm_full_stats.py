@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaprelora_jax import WeightStats, split_weight_stats
+from adaprelora_jax import WeightStats
+from adaprelora_jax.functional import split_weight_stats
 from benchmarks.minilm import TRAINABLE, Frozen, load_minilm
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flax import nnx
 
-from adaprelora_jax import split_weight_stats
+from adaprelora_jax.functional import split_weight_stats
 from benchmarks import finetune, minilm_wordnet, record, tasks
 from benchmarks.family import FAMILY
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import optax
 
-from adaprelora_jax.base import Array, dot
-from adaprelora_jax.baselines.factor_adam import adam_slice_rule
-from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax.checks import check_floats
-from adaprelora_jax.linalg import damped_inverse
-from adaprelora_jax.pairing import PairingRule
-from adaprelora_jax.pairwise import pairwise_transformation
+from adaprelora_jax._src.base import Array, dot
+from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src.linalg import damped_inverse
+from adaprelora_jax._src.pairing import PairingRule
+from adaprelora_jax._src.pairwise import pairwise_transformation
 
 
 def scaled_gradients(a: Array, b: Array, grad_a: Array, grad_b: Array,

@@ -8,12 +8,12 @@ from typing import Any
 import jax
 import optax
 
-from adaprelora_jax.baselines.factor_adam import adam_slice_rule
-from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax.checks import check_floats
-from adaprelora_jax.layout import ELEMENTWISE
-from adaprelora_jax.pairing import PairingRule, default_rule, path_names
-from adaprelora_jax.pairwise import pairwise_transformation
+from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src.layout import ELEMENTWISE
+from adaprelora_jax._src.pairing import PairingRule, default_rule, path_names
+from adaprelora_jax._src.pairwise import pairwise_transformation
 
 PyTree = Any
 

@@ -27,10 +27,10 @@ replicated in the state, which costs ``(m + n) r`` floats per batch slice at
 most, never an ``m × n`` array.
 
 The state is walked generically, so the helper works for
-:func:`~adaprelora_jax.alias.adaprelora` and for any Optax wrapper around it
+:func:`~adaprelora_jax.adaprelora` and for any Optax wrapper around it
 (``chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``):
 
-* in each :class:`~adaprelora_jax.pairwise.PairwiseState` (AdaPreLoRA's and
+* in each :class:`~adaprelora_jax._src.pairwise.PairwiseState` (AdaPreLoRA's and
   every baseline's), each per-pair buffer follows the axes its state
   declares (``axes()``: ``"m"``, ``"n"`` or ``"r"`` after the batch axes),
   as in the table above; a buffer with ``"m"`` takes ``A``'s batch and rank
@@ -42,17 +42,8 @@ The state is walked generically, so the helper works for
   all agree, else it is replicated.
 
 With ``flax.nnx``, sharding lives in the Variables' ``out_sharding``
-metadata instead (``nnx.with_partitioning``, ``a_metadata=`` of
-``nnx.LoRA``). ``nnx.Optimizer`` copies it onto the state leaves it makes from
-Variables (Adam's ``mu``/``nu``), but AdaPreLoRA's buffers are plain arrays, so
-they come out unannotated and replicated. :func:`annotate_opt_state` gives
-them the annotations :func:`state_shardings` derives, and, under Flax's eager
-sharding, shards them there, as Flax does for the Variables it creates::
-
-  with jax.set_mesh(mesh):
-    optimizer = nnx.Optimizer(model, adaprelora(1e-3), wrt=nnx.LoRAParam)
-    annotate_opt_state(optimizer, model)
-  # nnx.get_partition_spec(nnx.state(optimizer)) now splits v_row like A
+metadata instead; :func:`adaprelora_jax.flax.annotate_opt_state` annotates the
+optimizer's state from it with the shardings derived here.
 
 The update itself is written for sharding propagation: use mesh axes of type
 ``AxisType.Auto``. ``jax.make_mesh`` makes ``Explicit`` axes by default, under
@@ -67,13 +58,11 @@ from typing import Any
 
 import jax
 import optax
-from flax import nnx
-from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adaprelora_jax.base import Axes, PyTree
-from adaprelora_jax.pairing import LoRAPair, PairingRule, lora_pairs, path_names
-from adaprelora_jax.pairwise import PairwiseState
+from adaprelora_jax._src.base import Axes, PyTree
+from adaprelora_jax._src.pairing import LoRAPair, PairingRule, lora_pairs, path_names
+from adaprelora_jax._src.pairwise import PairwiseState
 
 Entry = Any  # one PartitionSpec entry: None, a mesh axis name, or a tuple of them
 Entries = tuple[Entry, ...]
@@ -169,62 +158,6 @@ def state_shardings(
         visit, tree, is_leaf=lambda x: isinstance(x, _PAIR_NODES))
 
   return walk(abstract, ())
-
-
-def annotate_opt_state(
-    optimizer: nnx.Optimizer, model: nnx.Module, *, pairing: PairingRule | None = None
-) -> None:
-  """Annotates ``optimizer``'s state with the shardings of ``model``'s params.
-
-  Every state leaf without ``out_sharding`` metadata (AdaPreLoRA's buffers and
-  counts) gets the :class:`~jax.sharding.PartitionSpec` that
-  :func:`state_shardings` derives from ``nnx.get_partition_spec`` of the
-  params ``optimizer`` trains, so ``nnx.get_partition_spec`` and
-  ``nnx.get_named_sharding`` of the optimizer's state follow the params.
-  Leaves with eager sharding on (Flax's default) are also sharded at once, on
-  the params' ``mesh`` metadata if they agree on one, else on the current
-  mesh: call it where the optimizer is made. Logical axis names are resolved
-  by the rules in effect now.
-
-  Example::
-
-    with jax.set_mesh(mesh):
-      model = Model(rngs=nnx.Rngs(0))
-      optimizer = nnx.Optimizer(model, adaprelora(1e-3), wrt=nnx.LoRAParam)
-      annotate_opt_state(optimizer, model)
-
-  Args:
-    optimizer: an ``nnx.Optimizer`` over ``model``; works inside ``nnx.jit``
-      and ``nnx.eval_shape`` too.
-    model: the module ``optimizer`` was made for.
-    pairing: the pairing rule given to the optimizer, if any.
-  """
-  params = nnx.state(model, optimizer.wrt)
-  specs = state_shardings(
-      optimizer.tx, _values(params), _values(nnx.get_partition_spec(params)), pairing=pairing
-  )
-  meshes = {v.get_metadata().get("mesh") for v in jax.tree.leaves(params, is_leaf=_is_variable)}
-  meshes.discard(None)
-  mesh = meshes.pop() if len(meshes) == 1 else None
-
-  def annotate(leaf: nnx.Variable, spec: Any) -> None:
-    # Skips leaves that already carry an annotation, and MaskedNode leaves.
-    if not isinstance(spec, PartitionSpec) or leaf.get_metadata().get("out_sharding"):
-      return
-    leaf.set_metadata(out_sharding=tuple(spec))
-    if leaf.get_metadata().get("eager_sharding"):
-      leaf.set_value(spmd.shard_value(leaf.get_value(), spec, None, mesh))
-
-  jax.tree.map(annotate, optimizer.opt_state, specs, is_leaf=_is_variable)
-
-
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _values(tree: Any) -> Any:
-  """``tree`` with each ``Variable`` replaced by its value (``nnx.pure``, renamed across Flax releases)."""
-  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable)
 
 
 def _spec_maker(names: Sequence[tuple[str, ...]], given: Sequence[Any]

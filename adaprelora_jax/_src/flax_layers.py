@@ -5,8 +5,8 @@ Drop-in counterparts of ``flax.nnx.LoRALinear`` (NNX) and of a LoRA
 ``W`` frozen, where differentiating with respect to the layer's
 ``weight_stats`` leaf returns ``WeightStats(row=mean_j G_ij², col=mean_i
 G_ij²)`` of the true kernel gradient ``G`` (see
-:mod:`adaprelora_jax.full_stats`). :func:`~adaprelora_jax.full_stats.split_weight_stats`
-keys them like :func:`~adaprelora_jax.pairing.lora_pairs` keys the layer's
+:mod:`adaprelora_jax._src.full_stats`). :func:`~adaprelora_jax.functional.split_weight_stats`
+keys them like :func:`~adaprelora_jax.lora_pairs` keys the layer's
 factors, so AdaPreLoRA runs with ``statistics="full"``::
 
   wrt = nnx.Any(nnx.LoRAParam, WeightStatsVar)
@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from flax import linen, nnx
 from jax import lax
 
-from adaprelora_jax.full_stats import (Method, linear_with_weight_stats,
+from adaprelora_jax._src.full_stats import (Method, linear_with_weight_stats,
                                        weight_stats_probe)
 
 Array = jax.Array
 
 
 class WeightStatsVar(nnx.Variable):
-  """Holds a :class:`~adaprelora_jax.base.WeightStats` probe of zeros.
+  """Holds a :class:`~adaprelora_jax.WeightStats` probe of zeros.
 
   Its value is never read; its gradient is the statistics. It is not a
   ``Param``, so ``nnx.Param`` and ``nnx.LoRAParam`` filters leave it out;
@@ -54,7 +54,7 @@ class LoRALinearWithStats(nnx.LoRALinear):
     lora_scale: ``s`` in ``y = x W + s (x A) B``; ``nnx.LoRALinear`` has
       ``s = 1``. Pass the same value to the optimizer's ``lora_scale``.
     stats_method: ``"auto"``, ``"dense"`` or ``"gram"``, see
-      :func:`~adaprelora_jax.full_stats.linear_with_weight_stats`.
+      :func:`~adaprelora_jax.functional.linear_with_weight_stats`.
     stats_dtype: dtype of the statistics.
     **kwargs: the other ``nnx.LoRALinear`` arguments (``rngs``, ``use_bias``,
       ``b_initializer``, ...). A custom ``dot_general`` is not supported: the
@@ -94,7 +94,7 @@ class LoRADenseWithStats(linen.Module):
   ``bias (n,)``, ``lora_a (m, r)``, ``lora_b (r, n)``; their pair key is the
   module's path. Collection ``weight_stats`` holds the probe, named
   ``weight_stats``; differentiate with respect to that collection and pass
-  the result to :func:`~adaprelora_jax.full_stats.split_weight_stats`.
+  the result to :func:`~adaprelora_jax.functional.split_weight_stats`.
 
   Attributes:
     features: ``n``.

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from adaprelora_jax.base import Array, dot
+from adaprelora_jax._src.base import Array, dot
 
 
 def _t(x: Array) -> Array:

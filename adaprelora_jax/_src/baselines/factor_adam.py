@@ -5,7 +5,7 @@ factor gradients, their Riemannian-preconditioned versions, LoRA-Pro's
 adjusted gradients or its ``m × n`` equivalent gradient). :func:`adam_step`
 is ``optax.scale_by_adam`` on such arrays with the plumbing's step count, and
 :func:`adam_slice_rule` turns a factor direction into the ``slice_init`` /
-``slice_update`` pair :func:`~adaprelora_jax.pairwise.pairwise_transformation`
+``slice_update`` pair :func:`~adaprelora_jax.pairwise_transformation`
 expects.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax.base import Array, PyTree
+from adaprelora_jax._src.base import Array, PyTree
 
 Direction = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
 """``(a, b, grad_a, grad_b) -> (dir_a, dir_b)`` for one slice."""
@@ -36,7 +36,7 @@ class FactorMoments(NamedTuple):
   nu: Any
 
   def axes(self) -> FactorMoments:
-    """Each buffer's axes, for :mod:`adaprelora_jax.sharding`."""
+    """Each buffer's axes, for :mod:`adaprelora_jax._src.sharding`."""
     def of(x):
       return (("m", "r"), ("r", "n")) if isinstance(x, tuple) else ("m", "n")
     return FactorMoments(of(self.mu), of(self.nu))

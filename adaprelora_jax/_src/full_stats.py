@@ -10,7 +10,7 @@ column mean squares
 
 out of the backward pass at ``O(m + n)`` memory per layer, by a "gradient as
 a side channel": the frozen matmul takes a third input, a *probe* of zeros
-shaped like :class:`~adaprelora_jax.base.WeightStats`, which the forward
+shaped like :class:`~adaprelora_jax.WeightStats`, which the forward
 pass ignores and whose cotangent the custom VJP defines to be ``(row, col)``.
 Differentiating the loss with respect to the probe then returns the
 statistics in the gradient tree, next to the LoRA factor gradients.
@@ -60,16 +60,16 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax import lax
 
-from adaprelora_jax.base import WeightStats
+from adaprelora_jax._src.base import WeightStats
 
 Array = jax.Array
 PyTree = Any
@@ -245,9 +245,15 @@ def linear_with_weight_stats(
                  out_sharding, method)
 
 
+def _nnx() -> Any:
+  """``flax.nnx`` if imported: only then can a tree hold its types, and Flax stays optional."""
+  return sys.modules.get("flax.nnx")
+
+
 def _stats_of(node: Any) -> WeightStats | None:
   """The statistics held by ``node`` (bare or in an NNX variable), else None."""
-  if isinstance(node, nnx.Variable):
+  nnx = _nnx()
+  if nnx is not None and isinstance(node, nnx.Variable):
     node = node.get_value()
   return node if isinstance(node, WeightStats) else None
 
@@ -263,9 +269,9 @@ def split_weight_stats(grads: PyTree) -> tuple[PyTree, dict[str, WeightStats]]:
 
   A statistics node (a :class:`WeightStats`, bare or held by an NNX
   variable) is keyed by the path of the mapping that holds it, which is the
-  key :func:`~adaprelora_jax.pairing.lora_pairs` gives the layer's factors
+  key :func:`~adaprelora_jax.lora_pairs` gives the layer's factors
   when they sit next to it: ``…/lora/weight_stats`` beside
-  ``…/lora/lora_a`` in :class:`~adaprelora_jax.flax_layers.LoRALinearWithStats`,
+  ``…/lora/lora_a`` in :class:`~adaprelora_jax.flax.LoRALinearWithStats`,
   ``…/weight_stats`` in the ``weight_stats`` collection for a Linen
   ``LoRADenseWithStats`` whose factors are ``…/lora_a``. Scanned layers give
   statistics with the same leading axes as their factors.
@@ -285,8 +291,10 @@ def split_weight_stats(grads: PyTree) -> tuple[PyTree, dict[str, WeightStats]]:
   """
   stats: dict[str, WeightStats] = {}
 
+  nnx = _nnx()
+
   def walk(node, path):
-    if isinstance(node, nnx.State):  # nested levels are plain dicts inside
+    if nnx is not None and isinstance(node, nnx.State):  # nested levels are plain dicts inside
       return nnx.State(walk(node.raw_mapping, path))
     if not isinstance(node, Mapping):
       return node
@@ -313,7 +321,8 @@ def split_weight_stats(grads: PyTree) -> tuple[PyTree, dict[str, WeightStats]]:
 
 def _put_zero_stats(full: PyTree, rest: PyTree) -> PyTree:
   """``rest`` with zeros restored where ``full`` holds statistics."""
-  if isinstance(full, nnx.State):
+  nnx = _nnx()
+  if nnx is not None and isinstance(full, nnx.State):
     return nnx.State(_put_zero_stats(full.raw_mapping, rest.raw_mapping))
   if not isinstance(full, Mapping):
     return rest

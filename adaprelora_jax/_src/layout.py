@@ -22,8 +22,8 @@ from typing import NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax.base import PyTree, compute_dtype
-from adaprelora_jax.pairing import LoRAPair
+from adaprelora_jax._src.base import PyTree, compute_dtype
+from adaprelora_jax._src.pairing import LoRAPair
 
 T = TypeVar("T")
 

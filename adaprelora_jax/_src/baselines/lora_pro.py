@@ -29,13 +29,13 @@ from typing import Literal
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax.base import Array, dot, vectorized
-from adaprelora_jax.baselines.factor_adam import FactorMoments, adam_step
-from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax.checks import check_floats
-from adaprelora_jax.linalg import damped_eigh, inverse, sylvester
-from adaprelora_jax.pairing import PairingRule
-from adaprelora_jax.pairwise import pairwise_transformation
+from adaprelora_jax._src.base import Array, dot, vectorized
+from adaprelora_jax._src.baselines.factor_adam import FactorMoments, adam_step
+from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src.linalg import damped_eigh, inverse, sylvester
+from adaprelora_jax._src.pairing import PairingRule
+from adaprelora_jax._src.pairwise import pairwise_transformation
 
 Variant = Literal["efficient", "full"]
 

@@ -45,7 +45,7 @@ class PairState(NamedTuple):
   mu_b: Array | None
 
   def axes(self) -> PairState:
-    """Each buffer's axes, for :mod:`adaprelora_jax.sharding`."""
+    """Each buffer's axes, for :mod:`adaprelora_jax._src.sharding`."""
     with_momentum = self.mu_a is not None
     return PairState(("m",), ("n",), ("m", "r") if with_momentum else None,
                      ("r", "n") if with_momentum else None)

@@ -4,10 +4,10 @@ An optimizer of this family is a rule for one *slice*, a matrix pair
 ``A (m, r)``, ``B (r, n)`` with its factor gradients and a small state, plus
 this module:
 
-* :func:`~adaprelora_jax.pairing.lora_pairs` finds the pairs;
+* :func:`~adaprelora_jax.lora_pairs` finds the pairs;
 * each pair's factors are read as matrices (N-D factors flattened); its
   leading batch axes (stacked layers, experts) and the pairs a
-  :class:`~adaprelora_jax.layout.Layout` groups are solved with one ``vmap``;
+  :class:`~adaprelora_jax.Layout` groups are solved with one ``vmap``;
 * the rule computes in float32, or wider if the factors are; the state keeps
   its dtype;
 * every other leaf goes to a fallback transformation;
@@ -21,7 +21,7 @@ this module:
 The state of a pair is the rule's per-slice state with the pair's batch axes
 in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes. Its
 NamedTuple declares each buffer's axes (an ``axes()`` method), which
-:mod:`adaprelora_jax.sharding` reads.
+:mod:`adaprelora_jax._src.sharding` reads.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax.base import Array, PyTree, compute_dtype
-from adaprelora_jax.layout import JOINED, Layout, Member, input_bytes, plan
-from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs, path_names
-from adaprelora_jax.solver_batching import batch_solves
+from adaprelora_jax._src.base import Array, PyTree, compute_dtype
+from adaprelora_jax._src.layout import JOINED, Layout, Member, input_bytes, plan
+from adaprelora_jax._src.pairing import LoRAPair, LoRAPairing, PairingRule, lora_pairs, path_names
+from adaprelora_jax._src.solver_batching import batch_solves
 
 
 class SliceInit(Protocol):
@@ -76,7 +76,7 @@ class SliceCounts(NamedTuple):
   skipped: Array
 
   def axes(self) -> SliceCounts:
-    """No axes after the batch axes, for :mod:`adaprelora_jax.sharding`."""
+    """No axes after the batch axes, for :mod:`adaprelora_jax._src.sharding`."""
     return SliceCounts((), ())
 
 
@@ -295,7 +295,7 @@ def pairwise_transformation(
     fallback: transformation for the leaves that are not LoRA factors.
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`).
     pair_extras: maps ``update``'s extra keyword arguments to per-pair inputs.
-    layout: which pairs are solved together (:mod:`adaprelora_jax.layout`).
+    layout: which pairs are solved together (:mod:`adaprelora_jax._src.layout`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax.layout import JOINED, Layout
-from adaprelora_jax.pairing import PairingRule
-from adaprelora_jax.transform import Statistics, scale_by_adaprelora
+from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.layout import JOINED, Layout
+from adaprelora_jax._src.pairing import PairingRule
+from adaprelora_jax._src.transform import Statistics, scale_by_adaprelora
 
 
 def adaprelora(

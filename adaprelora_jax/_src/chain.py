@@ -7,7 +7,7 @@ from typing import Any
 
 import optax
 
-from adaprelora_jax.checks import check_floats
+from adaprelora_jax._src.checks import check_floats
 
 Mask = Any | Callable[[optax.Params], Any] | None
 

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaprelora_jax import rule
-from adaprelora_jax.base import Array, PairState, WeightStats
-from adaprelora_jax.checks import is_number
-from adaprelora_jax.layout import JOINED, Layout
-from adaprelora_jax.pairing import LoRAPair, LoRAPairing, PairingRule
-from adaprelora_jax.pairwise import PairwiseState, pairwise_transformation
+from adaprelora_jax._src import rule
+from adaprelora_jax._src.base import Array, PairState, WeightStats
+from adaprelora_jax._src.checks import is_number
+from adaprelora_jax._src.layout import JOINED, Layout
+from adaprelora_jax._src.pairing import LoRAPair, LoRAPairing, PairingRule
+from adaprelora_jax._src.pairwise import PairwiseState, pairwise_transformation
 
 Statistics = Literal["auto", "tangent", "full"]
 
@@ -88,7 +88,7 @@ def scale_by_adaprelora(
   effect is the ``H``-orthogonal projection of Adafactor's direction
   ``diag(ℓ)⁻¹ G diag(ρ)⁻¹`` onto the LoRA tangent space, with minimal
   ``H``-weighted imbalance between the two factors' contributions
-  (``docs/derivation.md``; :mod:`adaprelora_jax.rule` runs it step by step).
+  (``docs/derivation.md``; :mod:`adaprelora_jax._src.rule` runs it step by step).
 
   Statistics (``statistics``):
 
@@ -148,9 +148,9 @@ def scale_by_adaprelora(
       one scaled down factor by factor, and the invariances to the factors'
       scale and to ``lora_scale`` hold only up to it, as for Adam.
     layout: how pairs are laid out into one program
-      (:mod:`adaprelora_jax.layout`): :data:`~adaprelora_jax.layout.JOINED`
+      (:mod:`adaprelora_jax._src.layout`): :data:`~adaprelora_jax.JOINED`
       (the default, for accelerators) or
-      :data:`~adaprelora_jax.layout.CHUNKED` (for XLA's CPU runtime). Same
+      :data:`~adaprelora_jax.CHUNKED` (for XLA's CPU runtime). Same
       updates either way.
 
   Returns:

@@ -7,12 +7,12 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import linalg
-from adaprelora_jax.base import Array, dot
-from adaprelora_jax.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax.checks import check_floats
-from adaprelora_jax.pairing import PairingRule
-from adaprelora_jax.pairwise import pairwise_transformation
+from adaprelora_jax._src import linalg
+from adaprelora_jax._src.base import Array, dot
+from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src.pairing import PairingRule
+from adaprelora_jax._src.pairwise import pairwise_transformation
 
 
 class LoRARITEState(NamedTuple):
@@ -44,7 +44,7 @@ class LoRARITEState(NamedTuple):
   escaped_b: Array
 
   def axes(self) -> LoRARITEState:
-    """Each buffer's axes, for :mod:`adaprelora_jax.sharding`."""
+    """Each buffer's axes, for :mod:`adaprelora_jax._src.sharding`."""
     return LoRARITEState(("m", "r"), ("r", "n"), ("m", "r"), ("r", "n"), ("r", "r"),
                          ("r", "r"), (), ())
 
@@ -75,7 +75,7 @@ def scale_by_lora_rite(
   r"""Rescales LoRA factor gradients by LoRA-RITE's invariant matrix preconditioner.
 
   For every LoRA pair ``ΔW = s · A B`` (``A (m, r)``, ``B (r, n)``) found by
-  :func:`~adaprelora_jax.pairing.lora_pairs`, each factor's gradient is
+  :func:`~adaprelora_jax.lora_pairs`, each factor's gradient is
   preconditioned in an orthonormal frame of the *other* factor. With
   factorisations ``A = Q_A R_A`` and ``Bᵀ = Q_B R_B`` (``Q`` orthonormal,
   ``R`` invertible ``r × r``), the update of ``A`` at step ``t`` is
@@ -102,7 +102,7 @@ def scale_by_lora_rite(
   so the choice is numerical. The authors' code takes QR and pseudo-inverses
   of ``R``; here ``R`` is the damped symmetric root, ``R_A = (AᵀA + δ I)^½``
   with ``δ = damping · tr(AᵀA)/r + tiny`` (``docs/derivation.md``, damping), and ``Q_A = A R_A⁻¹``,
-  the polar factor (:func:`~adaprelora_jax.linalg.damped_sqrt`). The
+  the polar factor (:func:`~adaprelora_jax._src.linalg.damped_sqrt`). The
   pseudo-inverse inverts round-off when a factor is numerically
   rank-deficient (as a low-rank gradient at ``B = 0`` init makes ``B``): the
   partner then takes huge steps whose second-order term ``Δ_A Δ_B`` wrecks

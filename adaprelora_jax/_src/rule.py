@@ -34,7 +34,7 @@ asks for float32 on every backend (``dot``).
 
 The ``r × r`` decompositions come in two stages, and the plumbing runs each
 stage as one solver call for every role and layer
-(:mod:`~adaprelora_jax.solver_batching`):
+(:mod:`~adaprelora_jax._src.solver_batching`):
 
 * stage 1, from the Grams alone: the eigendecomposition of ``AᵀA`` and
   ``BBᵀ`` (step 2's frames) and of the balancing matrix (step 8);
@@ -52,8 +52,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import linalg
-from adaprelora_jax.base import Array, PairState, dot
+from adaprelora_jax._src import linalg
+from adaprelora_jax._src.base import Array, PairState, dot
 
 
 class Hyperparams(NamedTuple):
@@ -443,7 +443,7 @@ def update(hp: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array, Ar
   Args:
     hp: the hyperparameters.
     raw: the slice as stored (any finite scale).
-    state: the slice's :class:`~adaprelora_jax.base.PairState`.
+    state: the slice's :class:`~adaprelora_jax.PairState`.
     stats: the W-gradient's row and column mean squares (``full``), or
       ``None`` for the tangent statistics.
     count: the step number, from 0.

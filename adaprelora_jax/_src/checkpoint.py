@@ -16,15 +16,16 @@ differs.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from etils import epath
 
-from adaprelora_jax.pairing import path_names
+if TYPE_CHECKING:
+  import orbax.checkpoint as ocp
+
+from adaprelora_jax._src.pairing import path_names
 
 PyTree = Any
 
@@ -45,7 +46,7 @@ def restore_state(
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``); they fix the
       expected state through ``jax.eval_shape(tx.init, params)``.
     shardings: a sharding per state leaf, e.g. from
-      :func:`~adaprelora_jax.sharding.state_shardings`; ``None`` puts the state
+      :func:`~adaprelora_jax.state_shardings`; ``None`` puts the state
       on the default device.
     checkpointer: an Orbax checkpointer whose ``restore(path, target)`` takes a
       target tree (``StandardCheckpointer``, ``PyTreeCheckpointer``);
@@ -64,6 +65,8 @@ def restore_state(
       or if its array data is missing or damaged (the message gives the
       first line of TensorStore's reason).
   """
+  import orbax.checkpoint as ocp  # here: slow to import, and only restoring needs it
+
   checkpointer = ocp.StandardCheckpointer() if checkpointer is None else checkpointer
   expected = jax.eval_shape(tx.init, params)
   _check_matches(_leaves(_stored_tree(checkpointer, path)), expected, path)
@@ -91,6 +94,8 @@ def _first_line(error: BaseException, path: str | os.PathLike, limit: int = 160)
 
 def _stored_tree(checkpointer: ocp.AbstractCheckpointer, path: str | os.PathLike) -> PyTree:
   """The stored tree's metadata, or the reason it cannot be read."""
+  from etils import epath  # Orbax's paths, gs:// included
+
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"Checkpoint at {path} not found.")
   if not epath.Path(path).is_dir():

@@ -1,0 +1,1 @@
+"""The implementation; the public API is ``adaprelora_jax`` and its public submodules."""
