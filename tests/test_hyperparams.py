@@ -1,4 +1,4 @@
-"""Float hyperparameters are type-checked by name, for AdaPreLoRA and every baseline.
+"""Float hyperparameters are type- and range-checked by name, for AdaPreLoRA and every baseline.
 
 A bool (``b1=True`` once froze every pair) or a schedule where a float is
 expected (once a cryptic ``TypeError`` inside ``update``) is a ``TypeError``
@@ -6,6 +6,7 @@ at construction; floats and arrays (as ``optax.inject_hyperparams`` passes
 them) are accepted.
 """
 
+import inspect
 import re
 
 import jax
@@ -15,6 +16,7 @@ import optax
 import pytest
 
 from adaprelora_jax import adaprelora, baselines, scale_by_adaprelora
+from adaprelora_jax._src import hyperparams
 
 ADAPRELORA = ("b1", "b2", "decay_rate", "eps", "damping", "lora_scale",
               "clipping_threshold", "balancing", "factor_clipping")
@@ -108,3 +110,37 @@ def test_a_schedule_goes_through_inject_hyperparams(alias):
   tx = optax.inject_hyperparams(alias)(
       learning_rate=1e-2, **{name: optax.linear_schedule(0.9, 0.5, 10)})
   _step(tx, update=lambda tx: jax.jit(tx.update))
+
+
+# Out of range: a ValueError naming the argument and the range, for every constructor.
+OUT_OF_RANGE = {"b1": 1.0, "b2": -0.1, "decay_rate": -1.0, "eps": float("inf"),
+                "damping": -1e-3, "lora_scale": 0.0, "clipping_threshold": 0.0,
+                "balancing": float("nan"), "factor_clipping": -1.0, "lr_ratio": 0.0}
+RANGE_CASES = [pytest.param(make, name, id=f"{make.__name__}-{name}")
+               for make, names in FLOATS.items() for name in names if name in OUT_OF_RANGE]
+
+
+@pytest.mark.parametrize("make, name", RANGE_CASES)
+def test_out_of_range_is_a_value_error_naming_the_argument_and_range(make, name):
+  expected = hyperparams.RANGES[name].words
+  with pytest.raises(ValueError, match=rf"{name}=.*expected a float {re.escape(expected)}"):
+    _make(make, **{name: OUT_OF_RANGE[name]})
+
+
+def test_the_transformation_takes_its_defaults_from_the_one_definition():
+  params = inspect.signature(scale_by_adaprelora).parameters
+  assert {name: params[name].default for name in hyperparams.Hyperparams._fields} == (
+      hyperparams.DEFAULTS._asdict())
+
+
+def test_the_alias_forwards_every_option_of_the_transformation():
+  alias = dict(inspect.signature(adaprelora).parameters)
+  assert [alias.pop(name).name for name in ("learning_rate", "weight_decay", "mask")]
+  direction = inspect.signature(scale_by_adaprelora).parameters
+  assert {name: p.default for name, p in alias.items()} == {
+      name: p.default for name, p in direction.items()}
+  # A value given to the alias reaches the transformation (an out-of-range one is named there).
+  for name in direction:
+    if name in OUT_OF_RANGE:
+      with pytest.raises(ValueError, match=rf"scale_by_adaprelora: {name}="):
+        adaprelora(1e-2, **{name: OUT_OF_RANGE[name]})

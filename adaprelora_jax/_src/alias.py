@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
+from adaprelora_jax._src.hyperparams import DEFAULTS
 from adaprelora_jax._src.layout import JOINED, Layout
 from adaprelora_jax._src.pairing import PairingRule
 from adaprelora_jax._src.transform import Statistics, scale_by_adaprelora
@@ -13,20 +14,20 @@ from adaprelora_jax._src.transform import Statistics, scale_by_adaprelora
 def adaprelora(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    b1: float | None = None,
-    decay_rate: float = 0.8,
-    b2: float | None = None,
-    eps: float = 1e-30,
-    damping: float = 1e-4,
-    lora_scale: float = 1.0,
-    clipping_threshold: float | None = 1.0,
+    b1: float | None = DEFAULTS.b1,
+    decay_rate: float = DEFAULTS.decay_rate,
+    b2: float | None = DEFAULTS.b2,
+    eps: float = DEFAULTS.eps,
+    damping: float = DEFAULTS.damping,
+    lora_scale: float = DEFAULTS.lora_scale,
+    clipping_threshold: float | None = DEFAULTS.clipping_threshold,
     weight_decay: float = 0.0,
     mask: Mask = None,
     statistics: Statistics = "auto",
     fallback: optax.GradientTransformation | None = None,
     pairing: PairingRule | None = None,
-    balancing: float | None = 1.0,
-    factor_clipping: float | None = 3.0,
+    balancing: float | None = DEFAULTS.balancing,
+    factor_clipping: float | None = DEFAULTS.factor_clipping,
     layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: Adafactor-preconditioned LoRA (Liu, Bian & Cai, 2026).
@@ -63,10 +64,7 @@ def adaprelora(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  return with_decay_and_learning_rate(
-      scale_by_adaprelora(
-          b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
-          lora_scale=lora_scale, clipping_threshold=clipping_threshold,
-          statistics=statistics, fallback=fallback, pairing=pairing, balancing=balancing,
-          factor_clipping=factor_clipping, layout=layout),
-      learning_rate, weight_decay, mask)
+  direction = {name: value for name, value in locals().items()
+               if name not in ("learning_rate", "weight_decay", "mask")}
+  return with_decay_and_learning_rate(scale_by_adaprelora(**direction), learning_rate,
+                                      weight_decay, mask)

@@ -7,7 +7,7 @@ from typing import Any
 
 import optax
 
-from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src import hyperparams
 
 Mask = Any | Callable[[optax.Params], Any] | None
 
@@ -23,7 +23,7 @@ def with_decay_and_learning_rate(
   A direction in Optax's sign convention, then decoupled weight decay on the
   leaves ``mask`` selects, then ``-learning_rate``.
   """
-  check_floats("with_decay_and_learning_rate", schedules=("learning_rate", "weight_decay"),
-               learning_rate=learning_rate, weight_decay=weight_decay)
+  hyperparams.check("with_decay_and_learning_rate", schedules=("learning_rate", "weight_decay"),
+                    learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))

@@ -44,63 +44,14 @@ stage as one solver call for every role and layer
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from adaprelora_jax._src import linalg
 from adaprelora_jax._src.base import Array, PairState, dot
-
-
-class Hyperparams(NamedTuple):
-  """AdaPreLoRA's hyperparameters (see :func:`~adaprelora_jax.scale_by_adaprelora`)."""
-
-  b1: float | Array | None
-  decay_rate: float | Array
-  b2: float | Array | None
-  eps: float | Array
-  damping: float | Array
-  lora_scale: float | Array
-  clipping_threshold: float | Array | None
-  balancing: float | Array | None
-  factor_clipping: float | Array | None
-
-
-# Plain comparisons: a Python number gives a bool (even inside a trace), an array an array.
-def _unit(v) -> Array:
-  return (v >= 0.0) & (v < 1.0)
-
-
-def _nonnegative(v) -> Array:
-  return (v >= 0.0) & (v < math.inf)
-
-
-def _positive(v) -> Array:
-  return (v > 0.0) & (v < math.inf)
-
-
-RANGES: dict[str, tuple[Callable[[Any], Array], str]] = {
-    "b1": (_unit, "in [0, 1)"), "b2": (_unit, "in [0, 1)"),
-    "decay_rate": (_nonnegative, "finite and >= 0"), "eps": (_nonnegative, "finite and >= 0"),
-    "damping": (_nonnegative, "finite and >= 0"), "lora_scale": (_positive, "finite and > 0"),
-    "clipping_threshold": (_positive, "finite and > 0"),
-    "balancing": (_nonnegative, "finite and >= 0"),
-    "factor_clipping": (_positive, "finite and > 0"),
-}
-"""Each hyperparameter's test (numbers or arrays) and its range in words."""
-
-OPTIONAL = frozenset({"b1", "b2", "clipping_threshold", "balancing", "factor_clipping"})
-"""The hyperparameters that ``None`` turns off."""
-
-
-def in_range(hp: Hyperparams) -> Array:
-  """Whether every hyperparameter is in range (numbers are checked at construction, arrays here)."""
-  return functools.reduce(jnp.logical_and, [RANGES[name][0](value) for name, value
-                                            in hp._asdict().items() if value is not None])
+from adaprelora_jax._src.hyperparams import Hyperparams, in_range
 
 
 class Slice(NamedTuple):

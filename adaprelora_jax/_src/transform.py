@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaprelora_jax._src import rule
+from adaprelora_jax._src import hyperparams, rule
 from adaprelora_jax._src.base import Array, PairState, WeightStats
-from adaprelora_jax._src.checks import is_number
+from adaprelora_jax._src.hyperparams import DEFAULTS, OPTIONAL, Hyperparams
 from adaprelora_jax._src.layout import JOINED, Layout
 from adaprelora_jax._src.pairing import LoRAPair, LoRAPairing, PairingRule
 from adaprelora_jax._src.pairwise import PairwiseState, pairwise_transformation
@@ -23,18 +23,6 @@ Statistics = Literal["auto", "tangent", "full"]
 ScaleByAdaPreLoRAState = PairwiseState
 """State of :func:`scale_by_adaprelora`: ``count``, a :class:`PairState` per pair key in
 ``pairs``, and the ``fallback`` transformation's state."""
-
-
-def _check_hyperparams(**values: Any) -> None:
-  """Raises a ``TypeError`` or ``ValueError`` naming the first non-float or out-of-range value."""
-  for name, value in values.items():
-    if value is None and name in rule.OPTIONAL:
-      continue
-    valid, expected = rule.RANGES[name]
-    expected = f"a float {expected}" + (" or None" if name in rule.OPTIONAL else "")
-    # Arrays may be traced (under inject_hyperparams): the rule skips and counts those.
-    if is_number("scale_by_adaprelora", name, value, expected) and not bool(valid(value)):
-      raise ValueError(f"scale_by_adaprelora: {name}={value!r}; expected {expected}.")
 
 
 def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
@@ -65,18 +53,18 @@ def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
 
 
 def scale_by_adaprelora(
-    b1: float | None = None,
-    decay_rate: float = 0.8,
-    b2: float | None = None,
-    eps: float = 1e-30,
-    damping: float = 1e-4,
-    lora_scale: float = 1.0,
-    clipping_threshold: float | None = 1.0,
+    b1: float | None = DEFAULTS.b1,
+    decay_rate: float = DEFAULTS.decay_rate,
+    b2: float | None = DEFAULTS.b2,
+    eps: float = DEFAULTS.eps,
+    damping: float = DEFAULTS.damping,
+    lora_scale: float = DEFAULTS.lora_scale,
+    clipping_threshold: float | None = DEFAULTS.clipping_threshold,
     statistics: Statistics = "auto",
     fallback: optax.GradientTransformation | None = None,
     pairing: PairingRule | None = None,
-    balancing: float | None = 1.0,
-    factor_clipping: float | None = 3.0,
+    balancing: float | None = DEFAULTS.balancing,
+    factor_clipping: float | None = DEFAULTS.factor_clipping,
     layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales LoRA factor gradients into AdaPreLoRA's factor directions.
@@ -169,21 +157,18 @@ def scale_by_adaprelora(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  hyper = Hyperparams(**{name: value for name, value in locals().items()
+                         if name in Hyperparams._fields})
   if statistics not in ("auto", "tangent", "full"):
     raise ValueError(f"statistics must be 'auto', 'tangent' or 'full', got "
                      f"{statistics!r}.")
-  _check_hyperparams(b1=b1, b2=b2, decay_rate=decay_rate, eps=eps, damping=damping,
-                     lora_scale=lora_scale, clipping_threshold=clipping_threshold,
-                     balancing=balancing, factor_clipping=factor_clipping)
-  hp = rule.Hyperparams(b1=b1, decay_rate=decay_rate, b2=b2, eps=eps, damping=damping,
-                        lora_scale=lora_scale, clipping_threshold=clipping_threshold,
-                        balancing=balancing, factor_clipping=factor_clipping)
+  hyperparams.check("scale_by_adaprelora", optional=OPTIONAL, **hyper._asdict())
 
   def slice_init(m: int, n: int, rank: int, dtype) -> PairState:
     return rule.init(m, n, rank, dtype, with_momentum=b1 is not None)
 
   def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count):
-    return rule.update(hp, rule.Slice(a, b, grad_a, grad_b), state, stats, count)
+    return rule.update(hyper, rule.Slice(a, b, grad_a, grad_b), state, stats, count)
 
   def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
                   ) -> dict[str, tuple[Array, Array]]:

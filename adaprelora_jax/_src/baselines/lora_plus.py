@@ -10,7 +10,7 @@ import optax
 
 from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.layout import ELEMENTWISE
 from adaprelora_jax._src.pairing import PairingRule, default_rule, path_names
 from adaprelora_jax._src.pairwise import pairwise_transformation
@@ -89,7 +89,7 @@ def scale_by_lora_plus(
     Hayou, Ghosh & Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, 2024.
   """
-  check_floats("scale_by_lora_plus", lr_ratio=lr_ratio, b1=b1, b2=b2, eps=eps)
+  hyperparams.check("scale_by_lora_plus", lr_ratio=lr_ratio, b1=b1, b2=b2, eps=eps)
   return optax.chain(_adam_on_factors(b1, b2, eps, fallback, pairing),
                      optax.masked(optax.scale(lr_ratio), _b_leaves(pairing)))
 
@@ -132,7 +132,7 @@ def lora_plus(
     Hayou, Ghosh & Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, 2024.
   """
-  check_floats("lora_plus", lr_ratio=lr_ratio, b1=b1, b2=b2, eps=eps)
+  hyperparams.check("lora_plus", lr_ratio=lr_ratio, b1=b1, b2=b2, eps=eps)
   # The ratio is applied last; scalings commute, so it multiplies B's whole
   # step, decay included, like a larger learning rate.
   return optax.chain(

@@ -32,7 +32,7 @@ import optax
 from adaprelora_jax._src.base import Array, dot, vectorized
 from adaprelora_jax._src.baselines.factor_adam import FactorMoments, adam_step
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.linalg import damped_eigh, inverse, sylvester
 from adaprelora_jax._src.pairing import PairingRule
 from adaprelora_jax._src.pairwise import pairwise_transformation
@@ -188,8 +188,8 @@ def scale_by_lora_pro(
   """
   if variant not in ("efficient", "full"):
     raise ValueError(f"variant must be 'efficient' or 'full', got {variant!r}.")
-  check_floats("scale_by_lora_pro", b1=b1, b2=b2, eps=eps, damping=damping,
-               lora_scale=lora_scale)
+  hyperparams.check("scale_by_lora_pro", b1=b1, b2=b2, eps=eps, damping=damping,
+                    lora_scale=lora_scale)
   adjust = lambda a, b, ga, gb, **kw: _adjust(a, b, ga, gb, scale=lora_scale,
                                               damping=damping, **kw)
   adam = optax.scale_by_adam(b1, b2, eps)

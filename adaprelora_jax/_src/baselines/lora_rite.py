@@ -10,7 +10,7 @@ import optax
 from adaprelora_jax._src import linalg
 from adaprelora_jax._src.base import Array, dot
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.pairing import PairingRule
 from adaprelora_jax._src.pairwise import pairwise_transformation
 
@@ -144,8 +144,8 @@ def scale_by_lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  check_floats("scale_by_lora_rite", optional=("clipping_threshold",), b1=b1, b2=b2, eps=eps,
-               damping=damping, clipping_threshold=clipping_threshold)
+  hyperparams.check("scale_by_lora_rite", optional=("clipping_threshold",), b1=b1, b2=b2,
+                    eps=eps, damping=damping, clipping_threshold=clipping_threshold)
 
   def slice_init(m: int, n: int, rank: int, dtype) -> LoRARITEState:
     zeros = lambda *shape: jnp.zeros(shape, dtype)

@@ -7,7 +7,7 @@ import optax
 from adaprelora_jax._src.base import Array, dot
 from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
-from adaprelora_jax._src.checks import check_floats
+from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.linalg import damped_inverse
 from adaprelora_jax._src.pairing import PairingRule
 from adaprelora_jax._src.pairwise import pairwise_transformation
@@ -67,7 +67,7 @@ def scale_by_scaled_gd(
     Zhang & Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
-  check_floats("scale_by_scaled_gd", damping=damping)
+  hyperparams.check("scale_by_scaled_gd", damping=damping)
 
   def slice_update(a, b, grad_a, grad_b, state, extra, count):
     del extra, count
@@ -118,7 +118,7 @@ def scale_by_scaled_adam(
     Zhang & Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
-  check_floats("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, damping=damping)
+  hyperparams.check("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, damping=damping)
   slice_init, slice_update = adam_slice_rule(
       lambda a, b, grad_a, grad_b: scaled_gradients(a, b, grad_a, grad_b,
                                                     damping), b1, b2, eps)
