@@ -128,8 +128,8 @@ def test_pairs_are_joined_when_a_chunk_would_hold_too_many():
   assert per_layer == layers * len(SHAPES) * EIGHS_PER_SLICE and one_chunk == EIGHS_MERGED
 
 
-def test_the_rule_is_traced_once_per_slice_shape():
-  """Same-shaped pairs share one trace of the rule, so tracing does not grow with depth."""
+def test_the_slice_update_is_traced_once_per_slice_shape():
+  """Same-shaped pairs share one trace of the slice update, so tracing does not grow with depth."""
   traced = []
 
   def slice_update(a, b, grad_a, grad_b, state, extra, count):

@@ -1,4 +1,4 @@
-"""The README's "Extending" example runs, and its rule steps as its docstring says."""
+"""The README's "Extending" example runs, and its slice update steps as its docstring says."""
 
 import pathlib
 import re
@@ -20,7 +20,7 @@ def _example() -> dict:
   return namespace
 
 
-def test_the_extending_example_trains_each_pair_by_its_rule():
+def test_the_extending_example_trains_each_pair_by_its_slice_update():
   example = _example()
   rng = np.random.default_rng(0)
   params = {"layers": {"lora_a": rng.normal(size=(3, 8, 2)), "lora_b": rng.normal(size=(3, 2, 5))},

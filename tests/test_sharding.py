@@ -101,7 +101,7 @@ class _ToyState(NamedTuple):
     return _ToyState(("r", "r"), ("m", "n"), ("m", "r"), ())
 
 
-def test_rule_states_are_sharded_by_the_axes_they_declare():
+def test_slice_update_states_are_sharded_by_the_axes_they_declare():
   def slice_init(m, n, r, dtype):
     return _ToyState(jnp.zeros((r, r)), jnp.zeros((m, n)), jnp.zeros((m, r)), jnp.zeros(()))
 
@@ -123,7 +123,7 @@ def test_rule_states_are_sharded_by_the_axes_they_declare():
       (P(("data", "model")), P("model"), None, None)
 
 
-def test_a_rule_state_without_declared_axes_is_an_error():
+def test_a_slice_update_state_without_declared_axes_is_an_error():
   tx = pairwise_transformation("toy", lambda m, n, r, dtype: {"w": jnp.zeros((m, n))}, None,
                                fallback=optax.identity())
   params = {"query": toy_lora.params()["query"]}

@@ -173,3 +173,24 @@ def test_solve_runs_in_float32_for_bfloat16_inputs():
       scale=p["scale"])
   assert all(o.dtype == jnp.float32 for o in out)
   assert jax.jit(lambda: out)() is not None
+
+
+def test_extreme_magnitudes_are_solved_as_exactly_as_unit_ones():
+  """A → 2⁷⁰A, B → 2⁻⁷⁰B, G → 2²⁰G (float32): the steps and statistics scale by
+  powers of two and nothing overflows, as in the optimizer (P = Aᵀ diag(ℓ) A
+  alone is ~1e42 here)."""
+  p = random_pair(41, 9, 7, 3)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  k, j = 70, 20
+  unit = [f32(p[key]) for key in ("a", "b", "grad_a", "grad_b")]
+  extreme = [f32(p["a"] * 2.0**k), f32(p["b"] * 2.0**-k), f32(p["grad_a"] * 2.0**(j - k)),
+             f32(p["grad_b"] * 2.0**(j + k))]
+  metric = (f32(p["row"]), f32(p["col"]))
+  want_a, want_b = solve_factor_update(*unit, *metric, scale=p["scale"], damping=1e-6)
+  got_a, got_b = solve_factor_update(*extreme, *metric, scale=p["scale"], damping=1e-6)
+  np.testing.assert_allclose(got_a, want_a * 2.0**(j + k), rtol=1e-5)
+  np.testing.assert_allclose(got_b, want_b * 2.0**(j - k), rtol=1e-5)
+  want = tangent_mean_squares(*unit, scale=p["scale"], damping=1e-6)
+  got = tangent_mean_squares(*extreme, scale=p["scale"], damping=1e-6)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w * 2.0**(2 * j), rtol=1e-5)

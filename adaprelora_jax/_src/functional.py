@@ -4,21 +4,15 @@ For users who want the math without the optimizer: each function takes a
 LoRA pair in Flax layout, ``ΔW = s · A @ B`` with ``A (..., m, r)`` and
 ``B (..., r, n)``, vectorised over any leading batch axes, and computes in
 float32 or wider. Nothing ``m × n`` is formed. The math is in
-``docs/derivation.md``; :mod:`adaprelora_jax._src.rule` holds the implementation.
+``docs/derivation.md``; :mod:`adaprelora_jax._src.adaprelora_slice` holds the implementation,
+which the optimizer runs too: the slice is brought to unit scale by powers
+of two first, so no input in the float range overflows an intermediate.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from adaprelora_jax._src import rule
+from adaprelora_jax._src import adaprelora_slice as one_slice
 from adaprelora_jax._src.base import Array, dot, vectorized
-
-
-def _hyperparams(damping: float | Array) -> rule.Hyperparams:
-  return rule.Hyperparams(b1=None, decay_rate=0.8, b2=None, eps=0.0, damping=damping,
-                          lora_scale=1.0, clipping_threshold=None, balancing=None,
-                          factor_clipping=None)
 
 
 def solve_factor_update(
@@ -72,15 +66,12 @@ def solve_factor_update(
     Liu, Bian & Cai, `AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
-  hp = _hyperparams(damping)
-
   def one(a, b, grad_a, grad_b, row, col):
-    # At unit scale the gradients are those of s G, whose projection is s times G's.
-    x = rule.Slice(a, b, grad_a, grad_b)
-    eye = jnp.eye(a.shape[1], dtype=a.dtype)
-    factor_grads = rule.FactorGradients(grad_a, eye, grad_b, eye, dot(a.T, grad_a))
-    delta_a, delta_b = rule.solve(x, factor_grads, row, col, rule.grams(x), hp)
-    return delta_a / scale**2, delta_b / scale**2
+    unit, exponents = one_slice.normalize(one_slice.Slice(a, b, grad_a, grad_b))
+    grams = one_slice.slice_grams(unit)
+    return one_slice.solve(unit, exponents, one_slice.plain_gradients(unit, grams), row,
+                           col, grams, lora_scale=scale, damping=damping,
+                           clipping_threshold=None)
 
   return vectorized(one, "(m,r),(r,n),(m,r),(r,n),(m),(n)->(m,r),(r,n)")(
       a, b, grad_a, grad_b, row, col)
@@ -112,10 +103,11 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
     ``mean_i P_T(G)_ij²`` of shape ``(..., n)``.
   """
   def one(a, b, grad_a, grad_b):
-    x = rule.Slice(a, b, grad_a, grad_b)
-    grams = rule.grams(x)
-    row, col = rule.tangent_mean_squares(x, grams, rule.frames(grams, damping))
-    return row / scale**2, col / scale**2
+    unit, exponents = one_slice.normalize(one_slice.Slice(a, b, grad_a, grad_b))
+    grams = one_slice.slice_grams(unit)
+    mean_squares = one_slice.tangent_mean_squares(unit, grams,
+                                                  one_slice.damped_frames(grams, damping))
+    return tuple(one_slice.to_true_scale(s, 2, exponents, scale) for s in mean_squares)
 
   return vectorized(one, "(m,r),(r,n),(m,r),(r,n)->(m),(n)")(a, b, grad_a, grad_b)
 
@@ -139,7 +131,7 @@ def w_step_rms(a: Array, b: Array, delta_a: Array, delta_b: Array, *,
     ``sqrt(mean_ij (s (dA B + A dB))_ij²)``, shape ``(...)``.
   """
   def one(a, b, delta_a, delta_b):
-    return scale * rule.w_step_rms_from_grams(
+    return scale * one_slice.w_step_rms_from_grams(
         dot(a.T, a), dot(b, b.T), dot(delta_a.T, delta_a), dot(delta_a.T, a),
         dot(delta_b, delta_b.T), dot(delta_b, b.T), a.shape[0], b.shape[1])
 

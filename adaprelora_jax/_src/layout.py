@@ -68,7 +68,7 @@ class Member(NamedTuple):
 
 
 def input_bytes(arrays: Sequence[jax.Array], state: PyTree) -> int:
-  """Bytes of a pair's factors, gradients and state, as its rule computes with them."""
+  """Bytes of a pair's factors, gradients and state, as its slice update computes with them."""
   itemsize = jnp.dtype(compute_dtype(*(x.dtype for x in arrays))).itemsize
   return sum(x.size for x in (*arrays, *jax.tree.leaves(state))) * itemsize
 

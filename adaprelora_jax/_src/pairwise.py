@@ -1,6 +1,6 @@
-"""The plumbing every LoRA-pair optimizer here shares: a per-slice rule to an Optax transformation.
+"""The plumbing every LoRA-pair optimizer here shares: a per-slice update to an Optax transformation.
 
-An optimizer of this family is a rule for one *slice*, a matrix pair
+An optimizer of this family is an update of one *slice*, a matrix pair
 ``A (m, r)``, ``B (r, n)`` with its factor gradients and a small state, plus
 this module:
 
@@ -8,17 +8,17 @@ this module:
 * each pair's factors are read as matrices (N-D factors flattened); its
   leading batch axes (stacked layers, experts) and the pairs a
   :class:`~adaprelora_jax.Layout` groups are solved with one ``vmap``;
-* the rule computes in float32, or wider if the factors are; the state keeps
+* the slice update computes in float32, or wider if the factors are; the state keeps
   its dtype;
 * every other leaf goes to a fallback transformation;
 * a slice whose inputs or results are not all finite steps by zero and keeps
   its state; each slice counts its applied and its skipped steps
-  (:class:`SliceCounts`, read with :func:`skipped_steps`), and its rule sees
-  its own applied-step count, so a slice resumed after skips steps as a
+  (:class:`SliceCounts`, read with :func:`skipped_steps`), and its update
+  sees its own applied-step count, so a slice resumed after skips steps as a
   fresh one would;
 * the update checks the trees and the state and names the offending leaves.
 
-The state of a pair is the rule's per-slice state with the pair's batch axes
+The state of a pair is the slice update's state with the pair's batch axes
 in front, so a ``(*batch, m, r)`` buffer lines up with ``A``'s axes. Its
 NamedTuple declares each buffer's axes (an ``axes()`` method), which
 :mod:`adaprelora_jax._src.sharding` reads.
@@ -53,7 +53,7 @@ class SliceUpdate(Protocol):
                ) -> tuple[Array, Array, PyTree]:
     """``(delta_a, delta_b, new_state)`` for one slice that has taken ``count`` steps.
 
-    A rule asks for the step to be skipped (and counted) by returning a
+    A slice update asks for the step to be skipped (and counted) by returning a
     non-finite result.
     """
 
@@ -66,7 +66,7 @@ class SliceCounts(NamedTuple):
   """Steps of each batch slice of a pair, int32 arrays of the pair's batch shape.
 
   Attributes:
-    applied: steps the slice took: its rule's step number (decays, bias
+    applied: steps the slice took: its update's step number (decays, bias
       corrections).
     skipped: steps it skipped because an input or a result was not finite
       (as ``optax.apply_if_finite`` counts ``notfinite_count``).
@@ -85,7 +85,7 @@ class PairwiseState(NamedTuple):
 
   Attributes:
     count: number of updates so far, int32.
-    pairs: the rule's state per LoRA pair, keyed by the pair key.
+    pairs: the slice update's state per LoRA pair, keyed by the pair key.
     counts: each pair's :class:`SliceCounts`, keyed by the pair key.
     fallback: the fallback transformation's state (non-LoRA leaves).
   """
@@ -284,7 +284,7 @@ def pairwise_transformation(
     pair_extras: PairExtras | None = None,
     layout: Layout = JOINED,
 ) -> optax.GradientTransformationExtraArgs:
-  """An Optax transformation that applies a per-slice rule to every LoRA pair.
+  """An Optax transformation that applies a per-slice update to every LoRA pair.
 
   Args:
     name: the transformation's name, for error messages.
@@ -335,10 +335,10 @@ def pairwise_transformation(
       members.append(Member(pair, inputs, input_bytes(inputs, state.pairs[pair.key])))
     chunks = plan(layout, members, extras) if members else []
     # Traced once per slice shape instead of once per pair; XLA inlines the calls.
-    rule = jax.jit(_skipping(slice_update))
+    jitted_update = jax.jit(_skipping(slice_update))
     solved, done = {}, state.count.astype(jnp.float32)
     for chunk in chunks:
-      solve = functools.partial(_solve_chunk, rule, chunk, state.pairs, state.counts, extras)
+      solve = functools.partial(_solve_chunk, jitted_update, chunk, state.pairs, state.counts, extras)
       if len(chunks) == 1:
         # One solver call per stage for every role and layer (a chunk keeps its own).
         solved.update(batch_solves(solve)())

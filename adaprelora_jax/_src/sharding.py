@@ -140,7 +140,7 @@ def state_shardings(
       if jax.tree.leaves(pair_state) and not hasattr(pair_state, "axes"):
         raise ValueError(
             f"the state of LoRA pair {key!r} ({type(pair_state).__name__}) declares no axes: "
-            "give the rule's state NamedTuple an axes() method naming each buffer's axes "
+            "give the slice update's state NamedTuple an axes() method naming each buffer's axes "
             "after the batch axes ('m', 'n' or 'r').")
       axes = _PairAxes(pair, specs[pair.a_index], specs[pair.b_index])
       per_pair[key] = axes.shardings(pair_state, make)

@@ -1,7 +1,7 @@
 """One solver call per stage: a program's independent matrix decompositions merged.
 
 An update solves ``r × r`` problems for every role and layer. Each group of
-same-shaped pairs is one ``vmap``, so each decomposition a rule makes is one
+same-shaped pairs is one ``vmap``, so each decomposition a slice update makes is one
 batched solver call per group. On an accelerator every call has a fixed cost
 (a cuSOLVER launch sequence on a GPU, a Jacobi loop on a TPU), but
 decompositions that do not depend on each other's results can share one.
@@ -11,7 +11,7 @@ decompositions that do not depend on each other's results can share one.
 another. It then runs the function with every decomposition of one stage,
 primitive and matrix size as one call over the concatenated matrices. The
 other equations run as traced, in an order their dependencies allow. It
-knows nothing of the math: rules stay written per slice.
+knows nothing of the math: slice updates stay written per slice.
 """
 
 from __future__ import annotations

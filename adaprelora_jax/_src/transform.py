@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaprelora_jax._src import hyperparams, rule
+from adaprelora_jax._src import adaprelora_slice as one_slice
+from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.base import Array, PairState, WeightStats
 from adaprelora_jax._src.hyperparams import DEFAULTS, OPTIONAL, Hyperparams
 from adaprelora_jax._src.layout import JOINED, Layout
@@ -31,7 +32,7 @@ def _weight_stats(pair: LoRAPair, stats: WeightStats | tuple[Array, Array]
 
   Values already on the host (NumPy, Python) are checked here. Device arrays
   are not read back, which would cost a transfer and a sync per step: the
-  rule clamps negative ones at 0, and a non-finite one skips the slice's step
+  update clamps negative ones at 0, and a non-finite one skips the slice's step
   and counts it (:func:`~adaprelora_jax.skipped_steps`).
   """
   batch = pair.batch_shape
@@ -76,7 +77,7 @@ def scale_by_adaprelora(
   effect is the ``H``-orthogonal projection of Adafactor's direction
   ``diag(ℓ)⁻¹ G diag(ρ)⁻¹`` onto the LoRA tangent space, with minimal
   ``H``-weighted imbalance between the two factors' contributions
-  (``docs/derivation.md``; :mod:`adaprelora_jax._src.rule` runs it step by step).
+  (``docs/derivation.md``; :mod:`adaprelora_jax._src.adaprelora_slice` runs it step by step).
 
   Statistics (``statistics``):
 
@@ -91,7 +92,7 @@ def scale_by_adaprelora(
 
   The learning rate controls every factor's step, not only the W-step's
   (``docs/derivation.md``, "The learning rate and the factors"): where one
-  factor is near zero (``B = 0`` at init) the exact rule moves the other by
+  factor is near zero (``B = 0`` at init) the exact update moves the other by
   ``O(|D| / |B|)`` whatever the learning rate, and along directions the
   target does not use that feeds a drift of ``|A|`` up and ``|B|`` down. Two
   additions control it: a gauge term ``(A Ω, −Ω B)`` that moves no ``W`` and
@@ -99,7 +100,7 @@ def scale_by_adaprelora(
   each factor direction's RMS (``factor_clipping``), so no factor entry moves
   faster in RMS than ``lr · factor_clipping`` per step. On balanced factors
   the first is zero, and the second binds only on steps larger than that;
-  ``balancing=None, factor_clipping=None`` is the paper's rule exactly.
+  ``balancing=None, factor_clipping=None`` is the paper's update exactly.
 
   Inputs anywhere in the float range are handled: each slice is computed at
   unit scale (powers of two), and a slice whose step or state would not be
@@ -130,9 +131,9 @@ def scale_by_adaprelora(
     pairing: a rule naming LoRA factors (see :func:`lora_pairs`). Under
       ``optax.inject_hyperparams``, list it in ``static_args``.
     balancing: the rate ``γ`` of the balancing gauge term, per unit of
-      learning rate (``None``: none, the paper's rule).
+      learning rate (``None``: none, the paper's update).
     factor_clipping: the largest RMS of each factor's direction (``None``:
-      no bound, the paper's rule). Where it binds, the W-step is the exact
+      no bound, the paper's update). Where it binds, the W-step is the exact
       one scaled down factor by factor, and the invariances to the factors'
       scale and to ``lora_scale`` hold only up to it, as for Adam.
     layout: how pairs are laid out into one program
@@ -165,10 +166,10 @@ def scale_by_adaprelora(
   hyperparams.check("scale_by_adaprelora", optional=OPTIONAL, **hyper._asdict())
 
   def slice_init(m: int, n: int, rank: int, dtype) -> PairState:
-    return rule.init(m, n, rank, dtype, with_momentum=b1 is not None)
+    return one_slice.init(m, n, rank, dtype, with_momentum=b1 is not None)
 
   def slice_update(a, b, grad_a, grad_b, state: PairState, stats, count):
-    return rule.update(hyper, rule.Slice(a, b, grad_a, grad_b), state, stats, count)
+    return one_slice.update(hyper, one_slice.Slice(a, b, grad_a, grad_b), state, stats, count)
 
   def pair_extras(pairs: LoRAPairing, extra_args: Mapping[str, Any]
                   ) -> dict[str, tuple[Array, Array]]:

@@ -4,7 +4,7 @@ LoRA+, ScaledAdamW and LoRA-Pro run Adam on a per-slice direction (the raw
 factor gradients, their Riemannian-preconditioned versions, LoRA-Pro's
 adjusted gradients or its ``m × n`` equivalent gradient). :func:`adam_step`
 is ``optax.scale_by_adam`` on such arrays with the plumbing's step count, and
-:func:`adam_slice_rule` turns a factor direction into the ``slice_init`` /
+:func:`adam_slice_functions` turns a factor direction into the ``slice_init`` /
 ``slice_update`` pair :func:`~adaprelora_jax.pairwise_transformation`
 expects.
 """
@@ -50,7 +50,7 @@ def adam_step(direction: PyTree, moments: FactorMoments, count: Array,
   return out, FactorMoments(mu=inner.mu, nu=inner.nu)
 
 
-def adam_slice_rule(direction: Direction, b1: float, b2: float, eps: float):
+def adam_slice_functions(direction: Direction, b1: float, b2: float, eps: float):
   """``(slice_init, slice_update)``: ``scale_by_adam`` of ``direction``."""
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax._src.baselines.factor_adam import adam_slice_functions
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.layout import ELEMENTWISE
@@ -40,7 +40,7 @@ def _adam_on_factors(b1: float, b2: float, eps: float,
                      pairing: PairingRule | None
                      ) -> optax.GradientTransformationExtraArgs:
   """Adam on every LoRA factor (pairs checked as for every method here)."""
-  slice_init, slice_update = adam_slice_rule(
+  slice_init, slice_update = adam_slice_functions(
       lambda a, b, grad_a, grad_b: (grad_a, grad_b), b1, b2, eps)
   return pairwise_transformation(
       "scale_by_lora_plus", slice_init, slice_update,

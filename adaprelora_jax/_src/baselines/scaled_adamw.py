@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from adaprelora_jax._src.base import Array, dot
-from adaprelora_jax._src.baselines.factor_adam import adam_slice_rule
+from adaprelora_jax._src.baselines.factor_adam import adam_slice_functions
 from adaprelora_jax._src.chain import Mask, with_decay_and_learning_rate
 from adaprelora_jax._src import hyperparams
 from adaprelora_jax._src.linalg import damped_inverse
@@ -119,7 +119,7 @@ def scale_by_scaled_adam(
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
   hyperparams.check("scale_by_scaled_adam", b1=b1, b2=b2, eps=eps, damping=damping)
-  slice_init, slice_update = adam_slice_rule(
+  slice_init, slice_update = adam_slice_functions(
       lambda a, b, grad_a, grad_b: scaled_gradients(a, b, grad_a, grad_b,
                                                     damping), b1, b2, eps)
   return pairwise_transformation(
