@@ -59,6 +59,7 @@ def _assert_equal_to_saved(tree, path):
     np.testing.assert_array_equal(leaf, saved[f"arr_{i}"])
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
   tx = _optimizer()
   step = jax.jit(toy_lora.train_step(tx))
@@ -93,6 +94,7 @@ def _mesh_shardings(tx):
   return params, state, step, place
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_resume_sharded_state_in_a_fresh_process(tmp_path):
   run_isolated(_save_sharded, str(tmp_path), host_devices=8)
   run_isolated(_resume_sharded, str(tmp_path), host_devices=8)

@@ -25,11 +25,14 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # repeats a batched LAPACK workload to catch a hang
+
 STALL_S = 60
 CAP_S = 900
 
 REPORTED = """
 import jax, jax.numpy as jnp
+
 key = jax.random.PRNGKey(0)
 a = jax.random.normal(key, (7, 4096, 16)) / 64.0
 b = 0.01 * jax.random.normal(key, (7, 16, 14336))

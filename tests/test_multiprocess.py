@@ -38,6 +38,8 @@ from adaprelora_jax import adaprelora
 from multiprocess_worker import STEPS, pure
 from test_sharding import _assert_close
 
+pytestmark = pytest.mark.slow  # several processes, each compiling its own program
+
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 TIMEOUT = 300  # s; the run takes 30-60 s on 2 idle cores
 WORKER = Path(__file__).with_name("multiprocess_worker.py")

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -185,6 +186,7 @@ def test_state_is_annotated_like_the_params():
   assert _annotated(without_momentum) == {k: e for k, e in _expected().items() if "['mu_" not in k}
 
 
+@pytest.mark.slow  # a subprocess with eight CPU devices
 @isolated(host_devices=8)
 def test_readme_snippet_shards_like_unsharded_training():
   batches = [_batch(t) for t in range(3)]
@@ -198,6 +200,7 @@ def test_readme_snippet_shards_like_unsharded_training():
   assert int(optimizer.opt_state[0].count.get_value()) == 3
 
 
+@pytest.mark.slow  # a subprocess with eight CPU devices
 @isolated(host_devices=8)
 def test_flax_sharding_recipes():
   mesh = _mesh()

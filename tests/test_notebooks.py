@@ -17,6 +17,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # each notebook runs in its own kernel
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 600
 

@@ -54,6 +54,7 @@ def _one_pair_bytes(name: str) -> int:
   return (2 * RANK + 1) * (m + n) * 4
 
 
+@pytest.mark.slow  # compiles both layouts of a deep model
 @pytest.mark.parametrize("b1", [None, 0.9])
 def test_chunks_change_the_order_not_the_values(b1):
   """Three steps with every group its own chunk equal the unchunked steps bit for bit."""
@@ -81,6 +82,7 @@ def _weight_stats(params: dict) -> dict:
           for key, p in params.items()}
 
 
+@pytest.mark.slow  # compiles both layouts of a deep model
 @pytest.mark.parametrize("statistics", ["tangent", "full"])
 def test_chunks_bound_the_live_temporaries(statistics):
   """One chunk per group: the compiled update needs far fewer temporary bytes.

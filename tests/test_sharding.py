@@ -210,6 +210,7 @@ def _sharded_run(jit_step, tx, params, specs, mesh, batches):
   return out
 
 
+@pytest.mark.slow  # a subprocess with eight CPU devices
 @isolated(host_devices=8)
 def test_sharded_steps_equal_unsharded_steps():
   params, specs = toy_lora.params(True), toy_lora.specs(True)
