@@ -29,6 +29,8 @@ from flax_models import (
     train_nnx,
 )
 
+pytestmark = pytest.mark.slow  # trains Flax, Qwix and Gemma-style models end to end
+
 
 def _pair_shapes(tree):
   """``{key: (batch, in, out, rank)}`` as the pairing reads ``tree``."""

@@ -55,6 +55,7 @@ def _assert_trees_close(x, y, **kw):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **kw), x, y)
 
 
+@pytest.mark.slow  # several jitted steps of a model
 def test_chain_with_clip_by_global_norm_clips_first():
   params = _params()
   grads = jax.tree.map(lambda g: 50.0 * g, _grads(params, 1))
@@ -93,6 +94,7 @@ def test_multisteps_equals_one_step_on_mean_gradient():
   _assert_trees_close(u2, want, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow  # several jitted steps of a model
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_apply_if_finite_leaves_state_untouched(bad):
   params = _params()
@@ -253,6 +255,7 @@ def _pair_states(state):
   return next(x.pairs for x in jax.tree.leaves(state, is_leaf=has_pairs) if has_pairs(x))
 
 
+@pytest.mark.slow  # compiles every optimizer twice over a many-pair tree
 @EVERY_OPTIMIZER
 def test_same_role_pairs_solved_together_equal_pairs_solved_alone(make):
   tx, params = make(), _layered_params(3)  # the default layout joins each role's layers

@@ -101,6 +101,7 @@ def test_chunks_bound_the_live_temporaries(statistics):
   assert temp_bytes(4 * _one_pair_bytes("gate")) < 0.5 * together
 
 
+@pytest.mark.slow  # compiles both layouts of a deep model
 def test_joined_layers_are_split_into_chunks():
   """Joined layers of a role come in groups of at most a chunk: one group of all twelve
   MLP pairs would hold all their temporaries at once."""
@@ -196,6 +197,7 @@ def test_each_chunk_is_one_conditional_after_the_previous():
   assert count_primitive(_traced(_optimizer(None), params, grads), "cond") == 0
 
 
+@pytest.mark.slow  # compiles both layouts of a deep model
 def test_the_layouts_trace_different_programs_for_the_same_updates():
   """Joined roles (the default) and pairs alone in chunks (``CHUNKED``) give the same updates."""
   params, grads = _model(layers=2)

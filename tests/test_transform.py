@@ -217,6 +217,7 @@ def test_stacked_and_nd_factors_match_per_slice_solves(x64):
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # many steps
 def test_finite_inputs_never_give_nan_over_many_steps():
   """A training run with B = 0 init and tiny/large gradients stays finite."""
   rng = np.random.default_rng(10)

@@ -32,6 +32,8 @@ from flax_models import (
     train_nnx,
 )
 
+pytestmark = pytest.mark.slow  # a Tunix PEFT trainer end to end
+
 
 def test_readme_snippet_peft_trainer_matches_an_nnx_optimizer_loop():
   model = fm.TinyLM(d=D, lora_rank=4, rngs=fm.rngs(0))
