@@ -89,7 +89,7 @@ for rank in "${ranks[@]}"; do
   step "model_r$rank" "${limits[1]}" "$python" -m benchmarks.update_cost "${model[@]}" \
     --rank "$rank" --ranks --out "$out/model_r$rank"
 done
-step scan_tests "${limits[2]}" "$python" -m pytest -q -p no:cacheprovider ${scan[@]+"${scan[@]}"} \
+step scan_tests "${limits[2]}" "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" ${scan[@]+"${scan[@]}"} \
   tests/test_flax_models.py::test_nnx_vmap_created_scan_applied_stack \
   tests/test_flax_models.py::test_linen_nn_scan_stack \
   tests/test_flax_stats.py::test_scanned_layers_give_stacked_statistics \
