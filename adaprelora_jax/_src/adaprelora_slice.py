@@ -219,8 +219,9 @@ def _row_quadratic_forms(stack: Array, form: Array) -> Array:
   return jnp.sum(stack * dot(stack, form), axis=1)
 
 
-def tangent_mean_squares(unit: Slice, grams: Grams, frames: Frames) -> tuple[Array, Array]:
-  """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``.
+def tangent_mean_squares(unit: Slice, exponents: Exponents, grams: Grams, frames: Frames,
+                         lora_scale: float | Array) -> tuple[Array, Array]:
+  """Row and column mean squares of ``S = P_A G + G P_B − P_A G P_B``, for the true ``G``.
 
   ``S = Â X̃ + Ŷ B̂`` with ``X̃ = X̂ − (ÂᵀŶ) B̂``, the part of ``X̂`` outside
   ``B``'s row space. The rows of ``Â X̃`` and ``Ŷ B̂`` are orthogonal, and so
@@ -236,8 +237,9 @@ def tangent_mean_squares(unit: Slice, grams: Grams, frames: Frames) -> tuple[Arr
   a_b_block = -dot(frames.inv_root_a.T, both_frames, frames.inv_root_b)
   a_grad_b_block = dot(frames.inv_root_a.T, frames.grad_b_to_a_frame)
   grad_a_b_block = dot(frames.grad_a_to_b_frame, frames.inv_root_b)
-  outside_b = jnp.concatenate([a_b_block, a_grad_b_block], axis=1)  # Â X̃ = A outside_b [B; g_B]
-  outside_a = jnp.concatenate([a_b_block, grad_a_b_block], axis=0)  # (Ŷ − ÂÂᵀŶ) B̂ = [A, g_A] outside_a B
+  # Â X̃ = A outside_b [B; g_B] and (Ŷ − ÂÂᵀŶ) B̂ = [A, g_A] outside_a B.
+  outside_b = jnp.concatenate([a_b_block, a_grad_b_block], axis=1)
+  outside_a = jnp.concatenate([a_b_block, grad_a_b_block], axis=0)
   rows = (_row_quadratic_forms(unit.a, dot(outside_b, grams.b_with_grad, outside_b.T))
           + _row_quadratic_forms(unit.grad_a, dot(grad_a_b_block, grams.gram_b,
                                                   grad_a_b_block.T)))
@@ -245,7 +247,9 @@ def tangent_mean_squares(unit: Slice, grams: Grams, frames: Frames) -> tuple[Arr
           + _row_quadratic_forms(unit.grad_b.T, dot(a_grad_b_block.T, grams.gram_a,
                                                     a_grad_b_block)))
   # Sums of squares: clamp the quadratic forms' rounding error at 0.
-  return jnp.maximum(rows, 0.0) / unit.b.shape[1], jnp.maximum(cols, 0.0) / unit.a.shape[0]
+  mean_squares = (jnp.maximum(rows, 0.0) / unit.b.shape[1],
+                  jnp.maximum(cols, 0.0) / unit.a.shape[0])
+  return tuple(to_true_scale(y, 2, exponents, lora_scale) for y in mean_squares)
 
 
 # 4. Second moments ---------------------------------------------------------
@@ -481,13 +485,10 @@ def update(hyper: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array,
     count: the step number, from 0.
   """
   unit, exponents = normalize(raw)
-  # Statistics and moments of G carry (2^g / s)² relative to those of G'.
-  true_scale = lambda y, power: to_true_scale(y, power, exponents, hyper.lora_scale)
-  unit_scale = lambda y, power: to_unit_scale(y, power, exponents, hyper.lora_scale)
   grams = slice_grams(unit)
   frames = damped_frames(grams, hyper.damping)
   if stats is None:
-    stats = tuple(true_scale(s, 2) for s in tangent_mean_squares(unit, grams, frames))
+    stats = tangent_mean_squares(unit, exponents, grams, frames, hyper.lora_scale)
   else:
     stats = tuple(jnp.maximum(s, 0.0) for s in stats)
   v_row, v_col = second_moments(state.v_row, state.v_col, stats, count, hyper)
@@ -496,9 +497,11 @@ def update(hyper: Hyperparams, raw: Slice, state: PairState, stats: tuple[Array,
   if hyper.b1 is None:
     factor_grads = tangent_gradients(unit, grams, frames)
   else:
-    factor_grads, mu_a, mu_b = momentum(unit_scale(mu_a, 1), unit_scale(mu_b, 1), unit, grams,
+    # The buffers hold coordinates of G, the solve takes those of G'.
+    unit_scale = lambda y: to_unit_scale(y, 1, exponents, hyper.lora_scale)
+    factor_grads, mu_a, mu_b = momentum(unit_scale(mu_a), unit_scale(mu_b), unit, grams,
                                         frames, hyper.b1, count)
-    mu_a, mu_b = true_scale(mu_a, 1), true_scale(mu_b, 1)
+    mu_a, mu_b = (to_true_scale(y, 1, exponents, hyper.lora_scale) for y in (mu_a, mu_b))
   delta_a, delta_b = solve(unit, exponents, factor_grads, row, col, grams,
                            lora_scale=hyper.lora_scale, damping=hyper.damping,
                            clipping_threshold=hyper.clipping_threshold)

@@ -105,9 +105,8 @@ def tangent_mean_squares(a: Array, b: Array, grad_a: Array, grad_b: Array, *,
   def one(a, b, grad_a, grad_b):
     unit, exponents = one_slice.normalize(one_slice.Slice(a, b, grad_a, grad_b))
     grams = one_slice.slice_grams(unit)
-    mean_squares = one_slice.tangent_mean_squares(unit, grams,
-                                                  one_slice.damped_frames(grams, damping))
-    return tuple(one_slice.to_true_scale(s, 2, exponents, scale) for s in mean_squares)
+    return one_slice.tangent_mean_squares(unit, exponents, grams,
+                                          one_slice.damped_frames(grams, damping), scale)
 
   return vectorized(one, "(m,r),(r,n),(m,r),(r,n)->(m),(n)")(a, b, grad_a, grad_b)
 

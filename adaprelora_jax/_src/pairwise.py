@@ -1,4 +1,4 @@
-"""The plumbing every LoRA-pair optimizer here shares: a per-slice update to an Optax transformation.
+"""The plumbing all LoRA-pair optimizers here share: a per-slice update to an Optax transformation.
 
 An optimizer of this family is an update of one *slice*, a matrix pair
 ``A (m, r)``, ``B (r, n)`` with its factor gradients and a small state, plus
@@ -338,7 +338,8 @@ def pairwise_transformation(
     jitted_update = jax.jit(_skipping(slice_update))
     solved, done = {}, state.count.astype(jnp.float32)
     for chunk in chunks:
-      solve = functools.partial(_solve_chunk, jitted_update, chunk, state.pairs, state.counts, extras)
+      solve = functools.partial(_solve_chunk, jitted_update, chunk, state.pairs, state.counts,
+                                extras)
       if len(chunks) == 1:
         # One solver call per stage for every role and layer (a chunk keeps its own).
         solved.update(batch_solves(solve)())
